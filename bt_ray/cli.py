@@ -1,0 +1,78 @@
+"""bt-ray's command line: parse, build the config, set up logging, call the driver.
+
+    bt-ray run CONFIG [dotted.key=value ...] [--resume]
+    bt-ray config [CONFIG] [dotted.key=value ...]     print the resolved config
+    bt-ray config --reference                         every key, its default and meaning
+
+Exit codes: 0 ok, 1 the run failed, 2 bad configuration or input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import yaml
+
+from bt_ray.config import describe, load_config, to_dict
+from bt_ray.errors import BtRayError, ConfigError
+
+logger = logging.getLogger("bt_ray")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bt-ray", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a strategy on a task and print the per-step score table")
+    run.add_argument("config", help="YAML file, e.g. configs/iris.yaml")
+    run.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. strategy='p -> w' train.epochs=2")
+    run.add_argument("--resume", action="store_true", help="continue a killed run from its last finished phase")
+    run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    show = sub.add_parser("config", help="print the resolved config, or the reference of all keys")
+    show.add_argument("config", nargs="?", help="YAML file (optional)")
+    show.add_argument("overrides", nargs="*")
+    show.add_argument("--reference", action="store_true", help="list every key with its default and meaning")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "LiteLLM", "dspy", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        if args.command == "config":
+            return _config(args)
+        return _run(args)
+    except ConfigError as exc:
+        print(f"bt-ray: {exc}", file=sys.stderr)
+        return 2
+    except BtRayError as exc:
+        logger.error("run failed: %s", exc)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    from bt_ray.driver import Driver
+
+    config = load_config(args.config, args.overrides)
+    results = Driver(config, resume=args.resume).run()
+    from bt_ray.report import markdown
+
+    print()
+    print(markdown(results))
+    print(f"results: {config.run_dir}/results.json, results.md, scores.png")
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    if args.reference:
+        for key, default, meaning in describe():
+            print(f"{key:34} {default:22} {meaning}")
+        return 0
+    config = load_config(args.config, args.overrides)
+    print(yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""Typed run configuration: nested dataclasses <-> YAML, with dotted overrides.
+
+Defaults live here (the paper's values); YAML files in configs/ override only what
+differs. Loading is strict: unknown keys, wrong types and bad values are reported
+together, each with its dotted path and a fix, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from bt_ray.errors import ConfigError
+
+
+def opt(default: Any, help: str) -> Any:
+    """A dataclass field with a default and a one-line meaning (rendered by `bt-ray config`)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    name: str = opt("smollm2-135m", "'smollm2-135m' (shipped with bt-ray) or a local transformers checkpoint dir")
+    cache_dir: str = opt("~/.cache/bt-ray/models", "where the shipped model is converted to a transformers checkpoint")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
+        "auto", "inference dtype; auto = float32 on CPU (faster than bf16 there, measured), bfloat16 on GPU")
+
+
+@dataclass
+class TaskConfig:
+    name: str = opt("iris", "built-in task: iris")
+    train_size: int | None = opt(None, "examples in the train split (None = the task's paper size)")
+    dev_size: int | None = opt(None, "examples in the dev split, used to score every step")
+    test_size: int | None = opt(None, "examples in the test split, used once on the returned program")
+
+
+@dataclass
+class InferenceConfig:
+    engine: Literal["transformers", "fake"] = opt(
+        "transformers", "replica engine: transformers (CPU) | fake (canned answers, tests only)")
+    replicas: int = opt(1, "number of inference replica actors")
+    cpus_per_replica: float = opt(1.0, "Ray CPUs reserved per replica")
+    gpus_per_replica: float = opt(0.0, "Ray GPUs reserved per replica")
+    torch_threads: int = opt(0, "torch threads per replica; 0 = this node's cores / replicas")
+    max_batch_size: int = opt(16, "most requests decoded together in one forward pass")
+    batch_wait_ms: float = opt(5.0, "how long a replica waits for more requests before starting a batch")
+    prefix_cache_tokens: int = opt(16384, "KV-cache budget (tokens) for shared prompt prefixes per replica")
+    temperature: float = opt(0.1, "sampling temperature for bootstrapping and evaluation (paper: 0.1)")
+    top_p: float = opt(1.0, "nucleus sampling cutoff")
+    max_tokens: int = opt(256, "most tokens generated per call")
+    max_inflight: int = opt(64, "most program runs in flight at once across the pool (fan-out bound)")
+    request_timeout_s: float = opt(600.0, "a request not answered in this time fails with the replica named")
+
+
+@dataclass
+class PromptConfig:
+    train_size: int = opt(100, "train subsample for bootstrapping (paper: 100; Iris: 15)")
+    val_size: int = opt(250, "validation subsample that scores candidates (paper: 250; Iris: 35)")
+    max_bootstrapped_demos: int = opt(3, "most bootstrapped demos per predictor")
+    max_labeled_demos: int = opt(3, "most demos per predictor, bootstrapped + labeled (DSPy's semantics)")
+    num_candidates: int = opt(6, "candidate programs: zero-shot, labeled-only, unshuffled, then random (>= 3)")
+    metric_threshold: float | None = opt(None, "a trace passes when metric >= this (None: metric is truthy)")
+
+
+@dataclass
+class TrainConfig:
+    num_workers: int = opt(1, "Ray Train workers (data parallel)")
+    cpus_per_worker: float = opt(1.0, "Ray CPUs per training worker")
+    use_gpu: bool = opt(False, "train on GPUs (NCCL) instead of CPUs (gloo)")
+    torch_threads: int = opt(0, "torch threads per CPU worker; 0 = this node's cores / workers")
+    lora_rank: int = opt(32, "LoRA rank (paper: 32)")
+    lora_alpha: int = opt(64, "LoRA alpha (paper: 64)")
+    lora_dropout: float = opt(0.0, "LoRA dropout (paper: 0)")
+    target_modules: list[str] = opt(["q_proj", "k_proj"], "modules LoRA adapts (paper: q_proj, k_proj)")
+    epochs: int = opt(5, "passes over the bootstrapped data (paper: 5)")
+    learning_rate: float = opt(1e-5, "AdamW learning rate (paper: 1e-5)")
+    batch_size: int = opt(8, "effective batch size = micro_batch_size x grad accumulation x workers (paper: 8)")
+    micro_batch_size: int = opt(1, "sequences per worker per forward pass")
+    bf16: bool = opt(True, "train in bfloat16 where the device supports it (paper: bf16)")
+    max_seq_len: int = opt(2048, "longer training examples are dropped, with a warning")
+    metric_threshold: float = opt(1.0, "a trace is kept for training when metric >= this")
+    include_demos: bool = opt(False, "keep the predictor's demos in the training prompt")
+    max_failures: int = opt(0, "Ray Train retries after a worker failure")
+
+
+@dataclass
+class RunConfig:
+    strategy: str = opt("p -> w -> p", "phases: 'p' prompt optimization, 'w' LoRA; '->' separated, or Π→Θ→Π")
+    seed: int = opt(0, "drives the data splits and prompt optimization's random search")
+    output_dir: str = opt("runs", "runs are written to output_dir/name")
+    name: str | None = opt(None, "run name (None = <task>-<strategy>-s<seed>)")
+    ray_address: str | None = opt(None, "Ray cluster to join (None: RAY_ADDRESS, else start a local one)")
+    returned: Literal["final", "best_dev"] = opt(
+        "final", "program scored on test: the last step's (the paper) or the best on dev (DSPy's BetterTogether)")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def run_name(self) -> str:
+        if self.name:
+            return self.name
+        from bt_ray.strategy import strategy_slug
+
+        return f"{self.task.name}-{strategy_slug(self.strategy)}-s{self.seed}"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir).expanduser() / self.run_name
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read YAML (optional), apply `a.b=c` overrides, validate. Raises ConfigError listing every problem."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; shipped configs are in configs/")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of keys, got {type(raw).__name__}")
+    problems: list[str] = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"override {item!r}: write it as dotted.key=value, e.g. train.epochs=2")
+            continue
+        _set_dotted(raw, key.strip(), _parse_value(value))
+    config = _build(RunConfig, raw, "", problems)
+    bad = {p.split(":")[0] for p in problems}  # a key with a type error is not also range-checked
+    problems.extend(p for p in validate(config) if p.split(":")[0] not in bad)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            node = {}
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
+    if not isinstance(raw, dict):
+        problems.append(f"{prefix or '<root>'}: expected a mapping of keys, got {raw!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            close = _closest(key, list(fields))
+            hint = f"; did you mean {close!r}?" if close else ""
+            problems.append(f"{prefix}{key}: unknown key{hint} (valid: {', '.join(fields)})")
+    kwargs = {}
+    for name in fields:
+        if name in raw:
+            kwargs[name] = _coerce(hints[name], raw[name], f"{prefix}{name}", problems)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path + ".", problems)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, path, problems)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            problems.append(f"{path}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            problems.append(f"{path}: expected a list, got {value!r}")
+            return []
+        return [_coerce(item_tp, v, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        problems.append(f"{path}: expected true or false, got {value!r}")
+        return False
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        problems.append(f"{path}: expected an integer, got {value!r}")
+        return 0
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        problems.append(f"{path}: expected a number, got {value!r}")
+        return 0.0
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        problems.append(f"{path}: expected a string, got {value!r}")
+        return ""
+    return value
+
+
+def _closest(word: str, options: list[str]) -> str | None:
+    import difflib
+
+    found = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate(config: RunConfig) -> list[str]:
+    """Value checks that need no model, no data and no cluster."""
+    from bt_ray.strategy import StrategyError, parse_strategy
+    from bt_ray.tasks import TASKS
+
+    problems = []
+    try:
+        parse_strategy(config.strategy)
+    except StrategyError as exc:
+        problems.append(f"strategy: {exc}")
+    if config.task.name not in TASKS:
+        problems.append(f"task.name: unknown task {config.task.name!r}; built-in tasks: {', '.join(TASKS)}")
+    for name in ("train_size", "dev_size", "test_size"):
+        value = getattr(config.task, name)
+        if value is not None and value < 1:
+            problems.append(f"task.{name}: must be >= 1 (or null for the task's default), got {value}")
+    inf, pr, tr = config.inference, config.prompt, config.train
+    _positive(problems, "inference", inf, ["replicas", "max_batch_size", "max_tokens", "max_inflight"])
+    _positive(problems, "prompt", pr, ["train_size", "val_size"])
+    _positive(problems, "train", tr, ["num_workers", "lora_rank", "lora_alpha", "epochs", "batch_size",
+                                      "micro_batch_size", "max_seq_len"])
+    if inf.cpus_per_replica < 0 or inf.gpus_per_replica < 0:
+        problems.append("inference.cpus_per_replica / gpus_per_replica: must be >= 0")
+    if not 0 <= inf.temperature <= 2:
+        problems.append(f"inference.temperature: must be in [0, 2], got {inf.temperature}")
+    if not 0 < inf.top_p <= 1:
+        problems.append(f"inference.top_p: must be in (0, 1], got {inf.top_p}")
+    if pr.num_candidates < 3:
+        problems.append(f"prompt.num_candidates: must be >= 3 (zero-shot, labeled-only, unshuffled), "
+                        f"got {pr.num_candidates}")
+    if pr.max_bootstrapped_demos < 1 or pr.max_labeled_demos < 0:
+        problems.append("prompt.max_bootstrapped_demos must be >= 1 and prompt.max_labeled_demos >= 0")
+    if tr.batch_size % (tr.micro_batch_size * tr.num_workers):
+        problems.append(f"train.batch_size: {tr.batch_size} is not a multiple of micro_batch_size x num_workers "
+                        f"= {tr.micro_batch_size * tr.num_workers}; set train.batch_size to a multiple of it")
+    if not 0 <= tr.lora_dropout < 1:
+        problems.append(f"train.lora_dropout: must be in [0, 1), got {tr.lora_dropout}")
+    if tr.learning_rate <= 0:
+        problems.append(f"train.learning_rate: must be > 0, got {tr.learning_rate}")
+    if not tr.target_modules:
+        problems.append("train.target_modules: name at least one module, e.g. [q_proj, k_proj]")
+    if config.name is not None and ("/" in config.name or not config.name.strip()):
+        problems.append(f"name: {config.name!r} must be a plain, non-empty directory name")
+    return problems
+
+
+def _positive(problems: list[str], section: str, obj: Any, names: list[str]) -> None:
+    for name in names:
+        if getattr(obj, name) < 1:
+            problems.append(f"{section}.{name}: must be >= 1, got {getattr(obj, name)}")
+
+
+# ---------------------------------------------------------------- saving and docs
+
+
+def to_dict(config: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True))
+
+
+def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, meaning) for every field; the README's config reference is made from this."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows.extend(describe(hints[f.name], f"{prefix}{f.name}."))
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        rows.append((f"{prefix}{f.name}", repr(default), f.metadata.get("help", "")))
+    return rows

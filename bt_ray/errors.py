@@ -1,0 +1,29 @@
+"""bt-ray's exceptions. Every message says what failed, where, and what to try."""
+
+
+class BtRayError(Exception):
+    """Base class for errors bt-ray raises on purpose."""
+
+
+class ConfigError(BtRayError):
+    """Bad configuration or input, found before any expensive work starts."""
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+class ResourceError(BtRayError):
+    """The Ray cluster cannot provide what the config asks for."""
+
+
+class EngineError(BtRayError):
+    """An inference replica failed a request. Names the replica, the request and the cause."""
+
+
+class TrainingError(BtRayError):
+    """Fine-tuning failed or produced an unusable adapter."""
+
+
+class AdapterError(BtRayError):
+    """An adapter could not be loaded, or would not fit the engine."""

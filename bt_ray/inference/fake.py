@@ -1,0 +1,60 @@
+"""FakeEngine: deterministic canned completions, for tests only (like DSPy's DummyLM).
+
+It implements the engine protocol without a model. The answer is a function of
+the last user message and the adapter name, so tests can check routing,
+batching and adapter versioning without weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from typing import Any, Callable
+
+from bt_ray.inference.engine import GenerationRequest, GenerationResult
+
+Responder = Callable[[GenerationRequest], str]
+
+
+def echo_responder(request: GenerationRequest) -> str:
+    """Answers in DSPy's ChatAdapter format with a stable, input-dependent value."""
+    last = request.messages[-1]["content"]
+    digest = hashlib.sha256(f"{request.adapter}|{last}".encode()).hexdigest()[:6]
+    return f"[[ ## reasoning ## ]]\nfake reasoning {digest}\n\n[[ ## answer ## ]]\n{digest}\n\n"
+
+
+class FakeEngine:
+    def __init__(self, model_dir: str = "", config: Any = None, dtype: str = "auto",
+                 responder: Responder | None = None, delay_s: float = 0.0):
+        self.responder = responder or echo_responder
+        self.delay_s = delay_s
+        self.adapters: dict[str, str] = {}
+        self.asleep = False
+        self.served = 0
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        if self.asleep:
+            raise RuntimeError("engine is asleep; call wake() first")
+        if request.adapter is not None and request.adapter not in self.adapters:
+            raise KeyError(f"adapter {request.adapter!r} is not loaded")
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        text = self.responder(request)
+        self.served += 1
+        prompt_tokens = sum(len(m["content"].split()) for m in request.messages)
+        return GenerationResult(request.request_id, text, prompt_tokens, len(text.split()), "stop", request.adapter)
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        self.adapters[name] = path
+
+    async def unload_adapter(self, name: str) -> None:
+        self.adapters.pop(name, None)
+
+    async def sleep(self) -> None:
+        self.asleep = True
+
+    async def wake(self) -> None:
+        self.asleep = False
+
+    async def health(self) -> dict[str, Any]:
+        return {"engine": "fake", "adapters": sorted(self.adapters), "served": self.served}

@@ -1,0 +1,102 @@
+"""Run many (program, example) jobs at once, each with its own DSPy trace.
+
+This is how every phase talks to the pool: all jobs are in flight together
+(bounded by `max_inflight`), each one a thread blocked on a replica's answer,
+so the replicas see many concurrent requests and batch them. A program or metric
+that raises on an example is recorded on that example (counted, reported);
+a failure of the inference pool itself (EngineError, AdapterError) stops the
+fan-out and is raised, naming the replica and the request.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import dspy
+import tqdm
+
+from bt_ray.errors import BtRayError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    program: Any  # a dspy.Module bound to a model version (set_lm)
+    example: Any  # a dspy.Example with inputs set
+    tag: Any = None  # caller's bookkeeping, e.g. (candidate, example index)
+
+
+@dataclass
+class Outcome:
+    job: Job
+    prediction: Any = None
+    trace: list = field(default_factory=list)
+    score: float = 0.0
+    error: str | None = None  # the program or metric raised on this example
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def run_jobs(jobs: list[Job], metric: Callable | None, *, adapter: Any, max_inflight: int,
+             desc: str = "running") -> list[Outcome]:
+    """Run every job concurrently; outcomes come back in job order."""
+    outcomes: list[Outcome | None] = [None] * len(jobs)
+    bar = tqdm.tqdm(total=len(jobs), desc=desc, file=sys.stderr, disable=None, dynamic_ncols=True)
+    lock = threading.Lock()
+
+    def work(i: int) -> None:
+        outcome = _run_one(jobs[i], metric, adapter)
+        with lock:
+            outcomes[i] = outcome
+            bar.update()
+
+    pool = ThreadPoolExecutor(max_workers=max(1, min(max_inflight, len(jobs))), thread_name_prefix="bt-fanout")
+    try:
+        futures = [pool.submit(work, i) for i in range(len(jobs))]
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        for future in done:
+            if future.exception() is not None:
+                for other in futures:
+                    other.cancel()
+                raise future.exception()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+    failed = sum(1 for o in outcomes if o is not None and not o.ok)
+    if failed:
+        logger.warning("%s: %d of %d examples raised (scored 0); first: %s", desc, failed, len(jobs),
+                       next(o.error for o in outcomes if o is not None and not o.ok))
+    return outcomes  # type: ignore[return-value]
+
+
+def _run_one(job: Job, metric: Callable | None, adapter: Any) -> Outcome:
+    with dspy.context(trace=[], adapter=adapter):
+        try:
+            prediction = job.program(**job.example.inputs())
+        except Exception as exc:
+            _reraise_infrastructure(exc)
+            return Outcome(job, trace=list(dspy.settings.trace), error=f"program: {type(exc).__name__}: {exc}")
+        trace = list(dspy.settings.trace)
+    try:
+        score = float(metric(job.example, prediction, trace)) if metric else 1.0
+    except Exception as exc:
+        _reraise_infrastructure(exc)
+        return Outcome(job, prediction, trace, error=f"metric: {type(exc).__name__}: {exc}")
+    return Outcome(job, prediction, trace, score)
+
+
+def _reraise_infrastructure(exc: BaseException) -> None:
+    """Pool failures are not the program's fault: find them in the cause chain and raise them."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, BtRayError):
+            raise seen
+        seen = seen.__cause__ or seen.__context__

@@ -1,0 +1,108 @@
+"""A run's results as JSON, a markdown table and a PNG, all made from RunState (never from logs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from bt_ray.config import RunConfig, to_dict
+from bt_ray.strategy import format_strategy, parse_strategy
+
+
+def write_results(config: RunConfig, state: Any, splits: Any) -> dict[str, Any]:
+    run_dir = Path(state.run_dir)
+    results = {
+        "run": config.run_name,
+        "task": config.task.name,
+        "data": {"source": splits.source, **splits.sizes()},
+        "model": config.model.name,
+        "strategy": format_strategy(parse_strategy(config.strategy), "paper"),
+        "seed": config.seed,
+        "steps": [_step_row(s) for s in state.steps],
+        "test": state.test,
+        "totals": _totals(state.steps),
+        "config": to_dict(config),
+    }
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    (run_dir / "results.md").write_text(markdown(results))
+    plot_steps(results, run_dir / "scores.png")
+    return results
+
+
+def _step_row(step: Any) -> dict[str, Any]:
+    usage = step.usage or {}
+    return {
+        "step": step.index,
+        "strategy": format_strategy(parse_strategy(step.strategy), "paper"),
+        "version": step.version or "base",
+        "dev": step.dev.get("score"),
+        "dev_n": step.dev.get("n"),
+        "dev_errors": step.dev.get("errors"),
+        "wall_s": step.wall_s,
+        "requests": usage.get("requests", 0),
+        "prompt_tokens": usage.get("prompt_tokens", 0),
+        "cached_prompt_tokens": usage.get("cached_prompt_tokens", 0),
+        "generated_tokens": usage.get("generated_tokens", 0),
+        "trained_tokens": step.trained_tokens,
+        "requests_by_version": usage.get("by_version", {}),
+        "details": step.details,
+    }
+
+
+def _totals(steps: list) -> dict[str, Any]:
+    return {
+        "wall_s": round(sum(s.wall_s for s in steps), 1),
+        "requests": sum((s.usage or {}).get("requests", 0) for s in steps),
+        "generated_tokens": sum((s.usage or {}).get("generated_tokens", 0) for s in steps),
+        "trained_tokens": sum(s.trained_tokens for s in steps),
+    }
+
+
+def markdown(results: dict[str, Any]) -> str:
+    data = results["data"]
+    lines = [
+        f"# {results['run']}: {results['strategy']} on {results['task']}",
+        "",
+        f"model `{results['model']}`, seed {results['seed']}; data: {data['source']} "
+        f"(train {data['train']} / dev {data['dev']} / test {data['test']})",
+        "",
+        "| step | strategy | model version | dev % | wall s | requests | generated tok | trained tok |",
+        "|---:|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in results["steps"]:
+        lines.append(f"| {row['step']} | {row['strategy']} | {row['version']} | {row['dev']:.1f} | "
+                     f"{row['wall_s']:.0f} | {row['requests']} | {row['generated_tokens']} | {row['trained_tokens']} |")
+    totals = results["totals"]
+    lines.append(f"| | **total** | | | {totals['wall_s']:.0f} | {totals['requests']} | "
+                 f"{totals['generated_tokens']} | {totals['trained_tokens']} |")
+    test = results.get("test")
+    if test:
+        lines += ["", f"**Test: {test['score']:.1f}%** (n={test['n']}, {test['errors']} errors) for the program "
+                      f"returned by step {test['step']} ({format_strategy(parse_strategy(test['strategy']), 'paper')})."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_steps(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["steps"]
+    labels = [r["strategy"] for r in rows]
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(rows) + 1), 3.2))
+    bars = ax.bar(range(len(rows)), [r["dev"] for r in rows], color=["#999" if i == 0 else "#3a7" for i in
+                                                                     range(len(rows))])
+    ax.bar_label(bars, fmt="%.1f")
+    if results.get("test"):
+        test = results["test"]
+        ax.axhline(test["score"], color="#c33", linestyle="--", label=f"test (returned): {test['score']:.1f}")
+        ax.legend(loc="upper left", fontsize=8)
+    ax.set_xticks(range(len(rows)), labels)
+    ax.set_ylabel("dev accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"{results['task']} · {results['model']} · seed {results['seed']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
