@@ -218,6 +218,11 @@ def _coerce(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
         problems.append(f"{path}: expected an integer, got {value!r}")
         return 0
     if tp is float:
+        if isinstance(value, str):  # PyYAML reads 1e-5 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         problems.append(f"{path}: expected a number, got {value!r}")

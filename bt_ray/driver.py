@@ -62,11 +62,13 @@ class Driver:
         self.state = RunState.open(config.run_dir, config, resume)
         self._check_resumable()
 
-    def run(self) -> dict[str, Any]:
+    def run(self, session: Any = None) -> dict[str, Any]:
+        """Run (or resume) every step. `session` defaults to a new Session (Ray + pool) for this run."""
         cfg = self.config
         logger.info("run %s: %s on %s (%s), seed %d -> %s", cfg.run_name, format_strategy(self.steps, "paper"),
                     self.task.name, self.splits.source, cfg.seed, cfg.run_dir)
-        with Session(cfg, cfg.run_name, cache_dir=cfg.run_dir / "cache") as session:
+        session = session or Session(cfg, cfg.run_name, cache_dir=cfg.run_dir / "cache")
+        with session:
             self.session = session
             program, version = self._baseline()
             for index, code in enumerate(self.steps, start=1):

