@@ -38,10 +38,10 @@ class Session:
         self.model_dir: Path | None = None
         self.model_tag = ""
         self.pool: InferencePool | None = None
+        self._owns_ray = False
 
     def start(self) -> "Session":
-        how = placement.connect(self.config.ray_address)
-        logger.info("Ray: %s", how)
+        self._owns_ray = placement.connect(self.config.ray_address)
         placement.check_resources(self.config, placement.cluster_totals())
         if self.cache_dir is not None:  # DSPy's response cache lives with the run: resume reuses it
             dspy.configure_cache(enable_disk_cache=True, enable_memory_cache=True, disk_cache_dir=str(self.cache_dir))
@@ -61,6 +61,11 @@ class Session:
         if self.pool is not None:
             self.pool.shutdown()
             self.pool = None
+        if self._owns_ray:
+            import ray
+
+            ray.shutdown()
+            self._owns_ray = False
 
     def __enter__(self) -> "Session":
         return self.start()

@@ -25,20 +25,25 @@ ACTOR_ENV = {
 }
 
 
-def connect(address: str | None = None) -> str:
-    """Join the given cluster, RAY_ADDRESS / the job's cluster, or start a local one. Returns a description."""
+def connect(address: str | None = None) -> bool:
+    """Join the given cluster, RAY_ADDRESS (set inside `ray job submit`), or start a local one.
+
+    Returns True when this call started a local cluster (the caller shuts it down).
+    """
     import ray
 
     if ray.is_initialized():
-        return "already connected"
+        return False
     address = address or os.environ.get("RAY_ADDRESS")
     for key, value in ACTOR_ENV.items():
         os.environ.setdefault(key, value)
     if address:
         ray.init(address=address, log_to_driver=True)
-        return f"joined Ray cluster at {address}"
+        logger.info("joined the Ray cluster at %s", address)
+        return False
     ray.init(include_dashboard=False, log_to_driver=True)
-    return "started a local Ray cluster"
+    logger.info("started a local Ray cluster (%g CPUs, %g GPUs)", *cluster_totals().values())
+    return True
 
 
 def cluster_totals() -> dict[str, float]:

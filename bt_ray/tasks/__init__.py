@@ -12,7 +12,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-TASKS = {"iris": "bt_ray.tasks.iris"}
+TASKS: dict[str, "str | Task"] = {"iris": "bt_ray.tasks.iris"}  # name -> module path or a registered Task
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,14 @@ class Task:
     metric: Callable[..., Any]
 
 
+def register(task: Task) -> Task:
+    """Make a user's task available as `task.name=<its name>` in configs and overrides."""
+    TASKS[task.name] = task
+    return task
+
+
 def get_task(name: str) -> Task:
     if name not in TASKS:
-        raise KeyError(f"unknown task {name!r}; built-in tasks: {', '.join(TASKS)}")
-    return importlib.import_module(TASKS[name]).TASK
+        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+    entry = TASKS[name]
+    return entry if isinstance(entry, Task) else importlib.import_module(entry).TASK

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import uuid
 
 from bt_ray.inference.fake import FakeEngine
 from bt_ray.inference.pool import Usage
+
+
+def unique_tag() -> str:
+    """A model tag of its own, so DSPy's response cache never serves one test's fake answers to another."""
+    return f"fake-{uuid.uuid4().hex[:8]}"
 
 
 class FakePool:
@@ -44,7 +50,7 @@ class FakeSession:
         self.pool = FakePool(responder)
         self.adapter = chat_adapter()
         self.model_dir = model_dir
-        self.model_tag = "fake"
+        self.model_tag = unique_tag()
 
     def lm(self, version):
         from bt_ray.inference.lm import pool_lm

@@ -9,14 +9,14 @@ from bt_ray.phases.finetune import trace_messages
 from bt_ray.session import chat_adapter
 from bt_ray.tasks.iris import IrisProgram
 
-from .fakes import FakePool
+from .fakes import FakePool, unique_tag
 
 ANSWER = "[[ ## reasoning ## ]]\nPetals are long.\n\n[[ ## answer ## ]]\nvirginica\n\n"
 
 
 def _run_and_capture(program, adapter):
     pool = FakePool(responder=lambda request: ANSWER)
-    program.set_lm(pool_lm(pool, "fake", None, temperature=0.1, max_tokens=64))
+    program.set_lm(pool_lm(pool, unique_tag(), None, temperature=0.1, max_tokens=64))
     with dspy.context(trace=[], adapter=adapter):
         program(petal_length="5.1", petal_width="2.0", sepal_length="6.5", sepal_width="3.0")
         trace = list(dspy.settings.trace)

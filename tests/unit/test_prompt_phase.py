@@ -12,7 +12,7 @@ from bt_ray.phases.prompt import _subsample, optimize_prompts
 from bt_ray.session import chat_adapter
 from bt_ray.tasks.iris import IrisProgram, load_splits, metric
 
-from .fakes import FakePool
+from .fakes import FakePool, unique_tag
 
 
 def noisy_classifier(request):
@@ -33,7 +33,7 @@ def _demos(program):
 @pytest.fixture
 def setup():
     pool = FakePool(responder=noisy_classifier)
-    lm = pool_lm(pool, "fake", None, temperature=0.1, max_tokens=64)
+    lm = pool_lm(pool, unique_tag(), None, temperature=0.1, max_tokens=64)
     splits = load_splits(TaskConfig(), seed=0)
     config = PromptConfig(train_size=15, val_size=35, num_candidates=6)
     return pool, lm, splits, config
@@ -64,7 +64,7 @@ def test_same_candidates_and_scores_as_dspy(setup):
 def test_best_candidate_is_bound_to_the_given_version(setup):
     pool, _, splits, config = setup
     pool.load_adapter("run-v1", "/nowhere")
-    lm_v1 = pool_lm(pool, "fake", "run-v1", temperature=0.1, max_tokens=64)
+    lm_v1 = pool_lm(pool, unique_tag(), "run-v1", temperature=0.1, max_tokens=64)
     result = optimize_prompts(IrisProgram(), splits.train, metric, lm=lm_v1, adapter=chat_adapter(),
                               config=config, seed=0, max_inflight=16)
     assert {r.adapter for r in pool.requests} == {"run-v1"}  # bootstrapping and scoring used v1 only
