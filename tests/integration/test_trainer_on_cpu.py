@@ -1,0 +1,121 @@
+"""train_lora on a real local Ray cluster (2 CPUs) with the real SmolLM2-135M: ~2 minutes.
+
+Each fit is small (8 short examples, 1 step per epoch, lr 1e-4); most of the time is Ray
+starting workers and loading the model.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from bt_ray.config import TrainConfig
+from bt_ray.errors import TrainingError
+from bt_ray.train.trainer import CRASH_ONCE_ENV, STATE_FILE, train_lora
+
+pytestmark = pytest.mark.integration
+
+MODEL_DIR = Path("~/.cache/bt-ray/models/SmolLM2-135M-Instruct").expanduser()
+SPECIES = ["setosa", "versicolor", "virginica"]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    if not (MODEL_DIR / "model.safetensors").is_file():
+        pytest.skip("SmolLM2 checkpoint not converted yet (bt_ray.model.resolve_model)")
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def examples(n=8):
+    return [[{"role": "system", "content": "Classify the iris flower from its petal measurements."},
+             {"role": "user", "content": f"petal length {1.0 + 0.7 * i:.1f} cm, petal width {0.2 + 0.3 * i:.1f} cm"},
+             {"role": "assistant", "content": f"[[ ## answer ## ]]\n{SPECIES[i % 3]}\n\n[[ ## completed ## ]]"}]
+            for i in range(n)]
+
+
+def small_config(**overrides):
+    base = dict(num_workers=1, epochs=1, learning_rate=1e-4, max_seq_len=256)
+    return TrainConfig(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def one_worker(ray_cluster, tmp_path_factory):
+    return train_lora(examples(), small_config(), str(MODEL_DIR), str(tmp_path_factory.mktemp("w1")), "w1")
+
+
+@pytest.fixture(scope="module")
+def two_workers(ray_cluster, tmp_path_factory):
+    return train_lora(examples(), small_config(num_workers=2), str(MODEL_DIR),
+                      str(tmp_path_factory.mktemp("w2")), "w2")
+
+
+def lora_b(adapter_dir):
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    return {k: v.float() for k, v in tensors.items() if "lora_B" in k}
+
+
+@pytest.mark.parametrize("result_name", ["one_worker", "two_workers"])
+def test_training_produces_a_verified_adapter(result_name, request):
+    result = request.getfixturevalue(result_name)
+    assert result.steps == 1 and len(result.losses) == 1
+    assert all(math.isfinite(x) and x > 0 for x in result.losses)
+    assert result.examples == 8 and result.dropped == 0
+    assert 0 < result.trained_tokens < result.total_tokens
+    assert Path(result.adapter_dir).name == "adapter"
+    b = lora_b(result.adapter_dir)
+    assert len(b) == 2 * 30  # q_proj and k_proj in each of SmolLM2-135M's 30 layers
+    assert all(t.abs().sum() > 0 for t in b.values())
+
+
+def test_two_workers_train_the_same_global_batch_as_one(one_worker, two_workers):
+    """DDP sums both halves of the batch: same first-step loss, (nearly) the same update as 1 worker."""
+    import torch
+
+    assert two_workers.losses[0] == pytest.approx(one_worker.losses[0], rel=1e-4)
+    b1, b2 = lora_b(one_worker.adapter_dir), lora_b(two_workers.adapter_dir)
+    flat1 = torch.cat([b1[k].flatten() for k in sorted(b1)])
+    flat2 = torch.cat([b2[k].flatten() for k in sorted(b2)])
+    # Adam's first step is ~lr * sign(grad): only near-zero gradients may flip with summation order
+    assert torch.nn.functional.cosine_similarity(flat1, flat2, dim=0) > 0.99
+
+
+def test_adapter_loads_with_peft_and_changes_the_logits(one_worker):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bt_ray.inference import chat
+
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    base = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, one_worker.adapter_dir).eval()
+    ids = torch.tensor([chat.prompt_ids(tokenizer, examples()[0][:-1])])
+    with torch.no_grad():
+        tuned = model(input_ids=ids).logits
+        with model.disable_adapter():
+            plain = model(input_ids=ids).logits
+    assert torch.isfinite(tuned).all()
+    assert (tuned - plain).abs().max() > 1e-4
+
+
+def test_a_crashed_worker_is_retried_and_resumes_from_the_last_epoch(ray_cluster, tmp_path, monkeypatch):
+    marker = tmp_path / "crashed-once"
+    monkeypatch.setenv(CRASH_ONCE_ENV, str(marker))
+    result = train_lora(examples(), small_config(epochs=2, max_failures=1), str(MODEL_DIR), str(tmp_path), "retry")
+    assert marker.exists()  # the first attempt did crash after epoch 1
+    assert result.steps == 2 and all(math.isfinite(x) for x in result.losses)
+    (state_file,) = (tmp_path / "retry").glob(f"checkpoint_*/{STATE_FILE}")
+    assert json.loads(state_file.read_text())["starts"] == [0, 1]  # second attempt started at epoch 1
+
+
+def test_a_worker_failure_without_retries_raises_training_error(ray_cluster, tmp_path):
+    with pytest.raises(TrainingError, match="failed") as info:
+        train_lora(examples(), small_config(target_modules=["no_such_proj"]), str(MODEL_DIR), str(tmp_path), "bad")
+    assert info.value.__cause__ is not None
