@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     show.add_argument("config", nargs="?", help="YAML file (optional)")
     show.add_argument("overrides", nargs="*")
     show.add_argument("--reference", action="store_true", help="list every key with its default and meaning")
+    show.add_argument("--markdown", action="store_true", help="with --reference: as a markdown table")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
@@ -66,12 +67,18 @@ def _run(args: argparse.Namespace) -> int:
 
 def _config(args: argparse.Namespace) -> int:
     if args.reference:
-        for key, default, meaning in describe():
-            print(f"{key:34} {default:22} {meaning}")
+        print(reference_markdown() if args.markdown else
+              "\n".join(f"{key:34} {default:24} {meaning}" for key, default, meaning in describe()))
         return 0
     config = load_config(args.config, args.overrides)
     print(yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True), end="")
     return 0
+
+
+def reference_markdown() -> str:
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    rows += [f"| `{key}` | `{default}` | {meaning.replace('|', '/')} |" for key, default, meaning in describe()]
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

@@ -72,3 +72,10 @@ def test_reference_lists_every_leaf_with_help():
     keys = [k for k, _, _ in rows]
     assert "train.lora_rank" in keys and "inference.max_batch_size" in keys and "strategy" in keys
     assert all(meaning for _, _, meaning in rows)
+
+
+def test_readme_config_reference_is_current():
+    from bt_ray.cli import reference_markdown
+
+    readme = Path(__file__).resolve().parents[2].joinpath("README.md").read_text()
+    assert reference_markdown() in readme, "regenerate with: bt-ray config --reference --markdown"
