@@ -49,7 +49,7 @@ class InferenceConfig:
     replicas: int = opt(1, "number of inference replica actors")
     cpus_per_replica: float = opt(1.0, "Ray CPUs reserved per replica")
     gpus_per_replica: float = opt(0.0, "Ray GPUs reserved per replica")
-    torch_threads: int = opt(0, "torch threads per replica; 0 = this node's cores / replicas")
+    torch_threads: int = opt(0, "torch threads per replica; 0 = all cores of its node")
     max_batch_size: int = opt(16, "most requests decoded together in one forward pass")
     batch_wait_ms: float = opt(5.0, "how long a replica waits for more requests before starting a batch")
     prefix_cache_tokens: int = opt(16384, "KV-cache budget (tokens) for shared prompt prefixes per replica")

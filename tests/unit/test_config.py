@@ -78,4 +78,4 @@ def test_readme_config_reference_is_current():
     from bt_ray.cli import reference_markdown
 
     readme = Path(__file__).resolve().parents[2].joinpath("README.md").read_text()
-    assert reference_markdown() in readme, "regenerate with: bt-ray config --reference --markdown"
+    assert reference_markdown() in readme, "regenerate with: python scripts/update_readme_reference.py"
