@@ -44,6 +44,7 @@ def _step_row(step: Any) -> dict[str, Any]:
         "prompt_tokens": usage.get("prompt_tokens", 0),
         "cached_prompt_tokens": usage.get("cached_prompt_tokens", 0),
         "generated_tokens": usage.get("generated_tokens", 0),
+        "truncated": usage.get("truncated", 0),
         "trained_tokens": step.trained_tokens,
         "requests_by_version": usage.get("by_version", {}),
         "details": step.details,
@@ -67,15 +68,18 @@ def markdown(results: dict[str, Any]) -> str:
         f"model `{results['model']}`, seed {results['seed']}; data: {data['source']} "
         f"(train {data['train']} / dev {data['dev']} / test {data['test']})",
         "",
-        "| step | strategy | model version | dev % | wall s | requests | generated tok | trained tok |",
-        "|---:|---|---|---:|---:|---:|---:|---:|",
+        "| step | strategy | model version | dev % | errors | wall s | requests | generated tok | trained tok |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in results["steps"]:
         lines.append(f"| {row['step']} | {row['strategy']} | {row['version']} | {row['dev']:.1f} | "
-                     f"{row['wall_s']:.0f} | {row['requests']} | {row['generated_tokens']} | {row['trained_tokens']} |")
+                     f"{row['dev_errors']}/{row['dev_n']} | {row['wall_s']:.0f} | {row['requests']} | "
+                     f"{row['generated_tokens']} | {row['trained_tokens']} |")
     totals = results["totals"]
-    lines.append(f"| | **total** | | | {totals['wall_s']:.0f} | {totals['requests']} | "
+    lines.append(f"| | **total** | | | | {totals['wall_s']:.0f} | {totals['requests']} | "
                  f"{totals['generated_tokens']} | {totals['trained_tokens']} |")
+    lines += ["", "*errors*: dev examples where the program raised (for a small model, mostly answers that do not "
+                  "follow DSPy's output format); they score 0."]
     test = results.get("test")
     if test:
         lines += ["", f"**Test: {test['score']:.1f}%** (n={test['n']}, {test['errors']} errors) for the program "

@@ -31,6 +31,7 @@ class Usage:
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0
     generated_tokens: int = 0
+    truncated: int = 0  # answers cut at max_tokens
     by_version: dict[str, int] = field(default_factory=dict)
 
     def add(self, result: GenerationResult) -> None:
@@ -38,6 +39,7 @@ class Usage:
         self.prompt_tokens += result.prompt_tokens
         self.cached_prompt_tokens += result.cached_prompt_tokens
         self.generated_tokens += result.completion_tokens
+        self.truncated += result.finish_reason == "length"
         version = result.adapter or "base"
         self.by_version[version] = self.by_version.get(version, 0) + 1
 
@@ -47,13 +49,14 @@ class Usage:
             self.prompt_tokens - earlier.prompt_tokens,
             self.cached_prompt_tokens - earlier.cached_prompt_tokens,
             self.generated_tokens - earlier.generated_tokens,
+            self.truncated - earlier.truncated,
             {k: v - earlier.by_version.get(k, 0) for k, v in self.by_version.items()
              if v - earlier.by_version.get(k, 0)},
         )
 
     def copy(self) -> "Usage":
         return Usage(self.requests, self.prompt_tokens, self.cached_prompt_tokens, self.generated_tokens,
-                     dict(self.by_version))
+                     self.truncated, dict(self.by_version))
 
 
 class InferencePool:

@@ -7,7 +7,8 @@ import pytest
 from bt_ray.config import load_config
 from bt_ray.driver import Driver
 from bt_ray.inference.engine import GenerationRequest, SamplingParams
-from bt_ray.session import Session
+from bt_ray.session import Session, chat_adapter
+from bt_ray.tasks import get_task
 
 pytestmark = pytest.mark.integration
 
@@ -15,7 +16,8 @@ SMALL = [
     "task.train_size=30", "task.dev_size=15", "task.test_size=15",
     "prompt.train_size=10", "prompt.val_size=12", "prompt.num_candidates=4",
     "inference.max_tokens=80", "inference.cpus_per_replica=1", "train.cpus_per_worker=1",
-    "train.epochs=2", "train.learning_rate=1e-4", "train.metric_threshold=0",
+    # A few traces only: small batches and a larger step so 2 epochs visibly move the weights.
+    "train.epochs=2", "train.learning_rate=5e-4", "train.batch_size=2", "train.metric_threshold=0",
 ]
 
 
@@ -53,18 +55,24 @@ def test_resume_after_theta_did_not_retrain(finished_run):
     assert starts.count(2) == 1 and starts.count(3) == 1  # Θ started once, in the first run only
 
 
-def test_trained_adapter_changes_outputs(finished_run):
+def test_trained_adapter_lowered_the_loss_and_changes_outputs(finished_run):
     config, results = finished_run
-    adapter_dir = results["steps"][2]["details"]["adapter_dir"]
+    theta = results["steps"][2]["details"]
+    assert theta["train"]["last_loss"] < theta["train"]["first_loss"]
+
+    # The Π program's real prompts (instructions + demos + an Iris example), greedy, base vs adapter.
+    program = get_task("iris").build_program()
+    program.load(str(config.run_dir / "steps" / "01-p" / "program.json"))
+    predictor = program.predictors()[0]
+    splits = get_task("iris").load_splits(config.task, config.seed)
+    prompts = [tuple(chat_adapter().format(predictor.signature, predictor.demos, ex.inputs().toDict()))
+               for ex in splits.dev[:6]]
+    greedy = SamplingParams(temperature=0.0, max_tokens=48)
     check = load_config("configs/iris.yaml", [*SMALL, f"output_dir={config.output_dir}", "name=check"])
-    prompts = [[{"role": "user", "content": f"Petal length {x} cm, petal width {y} cm: which iris species?"}]
-               for x, y in [(1.4, 0.2), (4.5, 1.5), (6.0, 2.2)]]
-    greedy = SamplingParams(temperature=0.0, max_tokens=24)
     with Session(check, "check") as session:
-        session.pool.load_adapter("check-v1", adapter_dir)
-        base = [session.pool.generate(GenerationRequest(tuple(p), greedy)).text for p in prompts]
-        tuned = [session.pool.generate(GenerationRequest(tuple(p), greedy, adapter="check-v1")).text
-                 for p in prompts]
-        again = [session.pool.generate(GenerationRequest(tuple(p), greedy)).text for p in prompts]
-    assert base == again  # the base model is untouched by loading the adapter
+        session.pool.load_adapter("check-v1", theta["adapter_dir"])
+        ask = lambda adapter: [session.pool.generate(GenerationRequest(p, greedy, adapter=adapter)).text  # noqa
+                               for p in prompts]
+        base, tuned, again = ask(None), ask("check-v1"), ask(None)
+    assert base == again  # loading the adapter left the base model untouched
     assert tuned != base, "the trained adapter did not change any output"
