@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "LiteLLM", "dspy", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # One warning per truncated answer drowns the log; truncations are counted per step in results.
+    logging.getLogger("dspy.clients.lm").setLevel(logging.ERROR)
     try:
         if args.command == "config":
             return _config(args)

@@ -70,10 +70,10 @@ def run_jobs(jobs: list[Job], metric: Callable | None, *, adapter: Any, max_infl
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
-    failed = sum(1 for o in outcomes if o is not None and not o.ok)
+    failed = [o.error for o in outcomes if o is not None and not o.ok]
     if failed:
-        logger.warning("%s: %d of %d examples raised (scored 0); first: %s", desc, failed, len(jobs),
-                       next(o.error for o in outcomes if o is not None and not o.ok))
+        first = failed[0].splitlines()[0][:160]
+        logger.info("%s: %d of %d examples raised and score 0 (first: %s)", desc, len(failed), len(jobs), first)
     return outcomes  # type: ignore[return-value]
 
 
