@@ -116,7 +116,7 @@ class Driver:
                 result = finetune(program, self.splits.train, self.task.metric, session=session,
                                   version=new_version, adapter=session.adapter, config=cfg.train,
                                   out_dir=str(self.state.step_dir(index, code)), seed=cfg.seed,
-                                  max_inflight=max_inflight)
+                                  max_inflight=max_inflight, current_version=version)
                 program, version = result.program, new_version
                 details = {"adapter_dir": result.adapter_dir, "traces_run": result.traces_run,
                            "traces_kept": result.traces_kept, "examples": result.examples,

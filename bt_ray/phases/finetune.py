@@ -70,8 +70,12 @@ def trace_messages(program: Any, trace: list, adapter: Any, include_demos: bool)
 
 
 def finetune(program: Any, trainset: list, metric: Callable, *, session: Any, version: str, adapter: Any,
-             config: TrainConfig, out_dir: str, seed: int, max_inflight: int) -> FinetuneResult:
-    """Θ for `program` (bound to the current version); returns it bound to the new `version`."""
+             config: TrainConfig, out_dir: str, seed: int, max_inflight: int,
+             current_version: str | None = None) -> FinetuneResult:
+    """Θ for `program` (bound to `current_version`); returns it bound to the new `version`.
+
+    After an earlier Θ the current adapter keeps training (Θ→Θ optimizes the same weights twice).
+    """
     examples, stats = collect_examples(program, trainset, metric, adapter=adapter, config=config,
                                        max_inflight=max_inflight)
     if not examples:
@@ -79,7 +83,9 @@ def finetune(program: Any, trainset: list, metric: Callable, *, session: Any, ve
             f"no traces passed the metric (threshold {config.metric_threshold:g}) on {len(trainset)} train "
             f"examples, so there is nothing to fine-tune on; run 'p' first (e.g. 'p -> w') or lower "
             f"train.metric_threshold")
-    result = train_lora(examples, config, str(session.model_dir), out_dir, name=version, seed=seed)
+    init = session.pool.adapters[current_version] if current_version else None
+    result = train_lora(examples, config, str(session.model_dir), out_dir, name=version, seed=seed,
+                        init_adapter_dir=init)
     session.pool.load_adapter(version, str(result.adapter_dir))
     tuned = program.deepcopy()
     tuned.set_lm(session.lm(version))

@@ -69,8 +69,10 @@ class TrainResult:
 
 
 def train_lora(examples: list[list[dict]], config: TrainConfig, base_model_dir: str, output_dir: str,
-               name: str, seed: int = 0) -> TrainResult:
+               name: str, seed: int = 0, init_adapter_dir: str | None = None) -> TrainResult:
     """Fit a LoRA adapter on chat examples with Ray Train; Ray must already be initialised.
+
+    `init_adapter_dir` continues training an earlier adapter (Θ after Θ) instead of starting a new one.
 
     A run with the same `output_dir`/`name` and the same inputs resumes from its last epoch checkpoint.
     Raises TrainingError when there is nothing to train on, when fit() fails after
@@ -86,7 +88,7 @@ def train_lora(examples: list[list[dict]], config: TrainConfig, base_model_dir: 
         raise TrainingError("train_lora needs a running Ray (ray.init(...) or bt_ray.inference.placement.connect)")
     tokenizer = _load_tokenizer(base_model_dir)
     data = _tokenize(tokenizer, examples, config)
-    loop_config = _loop_config(data.examples, config, base_model_dir, seed, pad_id_of(tokenizer))
+    loop_config = _loop_config(data.examples, config, base_model_dir, seed, pad_id_of(tokenizer), init_adapter_dir)
     logger.info("LoRA %s: r%d on %d examples (%d dropped), %d epochs x %d steps, %d worker(s)", name,
                 config.lora_rank, len(data.examples), data.dropped, config.epochs,
                 steps_per_epoch(len(data.examples), config.batch_size), config.num_workers)
@@ -127,10 +129,11 @@ def _tokenize(tokenizer: Any, examples: list, config: TrainConfig) -> TrainData:
 
 
 def _loop_config(examples: list[TokenizedExample], config: TrainConfig, base_model_dir: str,
-                 seed: int, pad_id: int) -> dict[str, Any]:
+                 seed: int, pad_id: int, init_adapter_dir: str | None = None) -> dict[str, Any]:
     """Everything a worker needs, as plain data (the examples are small)."""
     loop = {"examples": [(ex.input_ids, ex.labels) for ex in examples], "train": dataclasses.asdict(config),
-            "base_model_dir": str(base_model_dir), "seed": seed, "pad_id": pad_id}
+            "base_model_dir": str(base_model_dir), "seed": seed, "pad_id": pad_id,
+            "init_adapter_dir": str(init_adapter_dir) if init_adapter_dir else None}
     loop["fingerprint"] = hashlib.sha256(json.dumps(loop, sort_keys=True).encode()).hexdigest()[:16]
     loop["crash_once_marker"] = os.environ.get(CRASH_ONCE_ENV)
     return loop
@@ -263,14 +266,18 @@ class LoraRecipe:
 
     def _load_model(self):
         import torch
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, PeftModel, get_peft_model
         from transformers import AutoModelForCausalLM
 
         dtype = torch.bfloat16 if _use_bf16(self.cfg, self.device) else torch.float32
         model = AutoModelForCausalLM.from_pretrained(self.loop_config["base_model_dir"], dtype=dtype)
-        lora = LoraConfig(r=self.cfg.lora_rank, lora_alpha=self.cfg.lora_alpha, lora_dropout=self.cfg.lora_dropout,
-                          target_modules=list(self.cfg.target_modules), task_type="CAUSAL_LM")
-        model = get_peft_model(model, lora)  # adapter weights stay fp32 (peft's autocast_adapter_dtype)
+        if self.loop_config.get("init_adapter_dir"):  # Θ after Θ: keep training the current adapter
+            model = PeftModel.from_pretrained(model, self.loop_config["init_adapter_dir"], is_trainable=True)
+        else:
+            lora = LoraConfig(r=self.cfg.lora_rank, lora_alpha=self.cfg.lora_alpha,
+                              lora_dropout=self.cfg.lora_dropout, target_modules=list(self.cfg.target_modules),
+                              task_type="CAUSAL_LM")
+            model = get_peft_model(model, lora)  # adapter weights stay fp32 (peft's autocast_adapter_dtype)
         model.train()
         return model
 

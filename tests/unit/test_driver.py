@@ -14,17 +14,23 @@ from .fakes import FakeSession
 from .test_prompt_phase import noisy_classifier
 
 
+class Calls(list):
+    inits: list
+
+
 @pytest.fixture
 def fake_trainer(monkeypatch, tmp_path):
-    calls = []
+    calls, inits = Calls(), []
 
-    def train_lora(examples, config, base_model_dir, output_dir, name, seed=0, **kwargs):
+    def train_lora(examples, config, base_model_dir, output_dir, name, seed=0, init_adapter_dir=None):
         calls.append(name)
+        inits.append(init_adapter_dir)
         return SimpleNamespace(adapter_dir=f"{output_dir}/adapter", examples=len(examples), dropped=0,
                                trained_tokens=100 * len(examples), total_tokens=300 * len(examples), steps=2,
                                losses=[2.0, 1.5], wall_s=0.1, workers=1)
 
     monkeypatch.setattr("bt_ray.phases.finetune.train_lora", train_lora)
+    calls.inits = inits
     return calls
 
 
@@ -100,3 +106,11 @@ def test_theta_with_no_passing_traces_fails_clearly(tmp_path, fake_trainer):
 def test_vanilla_strategy_scores_zero_shot_on_test(tmp_path, fake_trainer):
     results = Driver(_config(tmp_path, "strategy=vanilla")).run(session=FakeSession(noisy_classifier))
     assert len(results["steps"]) == 1 and results["test"]["step"] == 0
+
+
+def test_theta_after_theta_keeps_training_the_current_adapter(tmp_path, fake_trainer):
+    results = Driver(_config(tmp_path, "strategy=p -> w -> w")).run(session=FakeSession(noisy_classifier))
+    assert fake_trainer == ["t-v1", "t-v2"]
+    assert fake_trainer.inits == [None, results["steps"][2]["details"]["adapter_dir"]]
+    assert set(results["steps"][3]["requests_by_version"]) <= {"t-v1", "t-v2"}
+    assert results["steps"][3]["version"] == "t-v2"
