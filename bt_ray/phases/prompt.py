@@ -77,19 +77,20 @@ def optimize_prompts(program: Any, trainset: list, metric: Callable, *, lm: Any,
     train, val = _subsample(trainset, config, seed)
     student = program.reset_copy()
     seeds = list(range(-3, config.num_candidates - 3))
-    plans = [_plan(s, train, config, seed, student, lm) for s in seeds if s >= -1]
-    calls = _bootstrap(plans, metric, config, adapter, max_inflight)
-
     candidates = {-3: _bound(student.reset_copy(), lm)}
     if -2 in seeds:
         labeled = dspy.LabeledFewShot(k=config.max_labeled_demos).compile(student, trainset=train, sample=True)
         candidates[-2] = _bound(labeled, lm)
+    # The candidates that need no bootstrap are scored alongside the first bootstrap wave.
+    early = [Job(candidates[s], ex, tag=s) for s in candidates for ex in val]
+    plans = [_plan(s, train, config, seed, student, lm) for s in seeds if s >= -1]
+    calls, outcomes = _bootstrap(plans, metric, config, adapter, max_inflight, early)
     for plan in plans:
         candidates[plan.seed] = _bound(_assemble(student, plan, config), lm)
 
-    jobs = [Job(candidates[s], ex, tag=s) for s in seeds for ex in val]
-    outcomes = run_jobs(jobs, metric, adapter=adapter, max_inflight=max_inflight,
-                        desc=f"Π: scoring {len(seeds)} candidates x {len(val)}")
+    jobs = [Job(candidates[p.seed], ex, tag=p.seed) for p in plans for ex in val]
+    outcomes += run_jobs(jobs, metric, adapter=adapter, max_inflight=max_inflight,
+                         desc=f"Π: scoring {len(plans)} bootstrapped candidates x {len(val)}")
     table = []
     for s in seeds:
         scores = [o.score for o in outcomes if o.job.tag == s]
@@ -123,11 +124,15 @@ def _plan(s: int, train: list, config: PromptConfig, run_seed: int, student: Any
     return Plan(s, order, size, _bound(teacher, lm))
 
 
-def _bootstrap(plans: list[Plan], metric: Callable, config: PromptConfig, adapter: Any, max_inflight: int) -> int:
-    """Run every plan's teacher over its train order, all plans at once, in waves until each has enough."""
-    calls, wave = 0, 0
-    while any(plan.wants_more() for plan in plans):
-        jobs = []
+def _bootstrap(plans: list[Plan], metric: Callable, config: PromptConfig, adapter: Any, max_inflight: int,
+               extra: list[Job]) -> tuple[int, list[Outcome]]:
+    """Run every plan's teacher over its train order, all plans at once, in waves until each has enough.
+
+    `extra` jobs ride along with the first wave; their outcomes are returned with the call count.
+    """
+    calls, wave, extra_outcomes = 0, 0, []
+    while extra or any(plan.wants_more() for plan in plans):
+        jobs, extra = list(extra), []
         for plan in plans:
             if not plan.wants_more():
                 continue
@@ -137,13 +142,16 @@ def _bootstrap(plans: list[Plan], metric: Callable, config: PromptConfig, adapte
             plan.next_index = min(plan.next_index + width, len(plan.trainset))
         wave += 1
         outcomes = run_jobs(jobs, metric, adapter=adapter, max_inflight=max_inflight,
-                            desc=f"Π: bootstrapping (wave {wave}, {len(jobs)} runs)")
+                            desc=f"Π: bootstrap wave {wave} ({len(jobs)} runs)")
         for outcome in outcomes:
+            if not isinstance(outcome.job.tag, tuple):  # a ride-along scoring job
+                extra_outcomes.append(outcome)
+                continue
             plan, i = outcome.job.tag
             plan.results[i] = outcome
             plan.passed[i] = outcome.ok and _passes(outcome.score, config.metric_threshold)
-        calls += len(jobs)
-    return calls
+            calls += 1
+    return calls, extra_outcomes
 
 
 def _passes(score: float, threshold: float | None) -> bool:
