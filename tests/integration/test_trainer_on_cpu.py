@@ -16,19 +16,7 @@ from bt_ray.train.trainer import CRASH_ONCE_ENV, STATE_FILE, train_lora
 
 pytestmark = pytest.mark.integration
 
-MODEL_DIR = Path("~/.cache/bt-ray/models/SmolLM2-135M-Instruct").expanduser()
 SPECIES = ["setosa", "versicolor", "virginica"]
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    if not (MODEL_DIR / "model.safetensors").is_file():
-        pytest.skip("SmolLM2 checkpoint not converted yet (bt_ray.model.resolve_model)")
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def examples(n=8):
@@ -44,13 +32,13 @@ def small_config(**overrides):
 
 
 @pytest.fixture(scope="module")
-def one_worker(ray_cluster, tmp_path_factory):
-    return train_lora(examples(), small_config(), str(MODEL_DIR), str(tmp_path_factory.mktemp("w1")), "w1")
+def one_worker(ray_cluster, model_dir, tmp_path_factory):
+    return train_lora(examples(), small_config(), model_dir, str(tmp_path_factory.mktemp("w1")), "w1")
 
 
 @pytest.fixture(scope="module")
-def two_workers(ray_cluster, tmp_path_factory):
-    return train_lora(examples(), small_config(num_workers=2), str(MODEL_DIR),
+def two_workers(ray_cluster, model_dir, tmp_path_factory):
+    return train_lora(examples(), small_config(num_workers=2), model_dir,
                       str(tmp_path_factory.mktemp("w2")), "w2")
 
 
@@ -86,15 +74,15 @@ def test_two_workers_train_the_same_global_batch_as_one(one_worker, two_workers)
     assert torch.nn.functional.cosine_similarity(flat1, flat2, dim=0) > 0.99
 
 
-def test_adapter_loads_with_peft_and_changes_the_logits(one_worker):
+def test_adapter_loads_with_peft_and_changes_the_logits(one_worker, model_dir):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from bt_ray.inference import chat
 
-    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
-    base = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, one_worker.adapter_dir).eval()
     ids = torch.tensor([chat.prompt_ids(tokenizer, examples()[0][:-1])])
     with torch.no_grad():
@@ -105,17 +93,17 @@ def test_adapter_loads_with_peft_and_changes_the_logits(one_worker):
     assert (tuned - plain).abs().max() > 1e-4
 
 
-def test_a_crashed_worker_is_retried_and_resumes_from_the_last_epoch(ray_cluster, tmp_path, monkeypatch):
+def test_a_crashed_worker_is_retried_and_resumes_from_the_last_epoch(ray_cluster, model_dir, tmp_path, monkeypatch):
     marker = tmp_path / "crashed-once"
     monkeypatch.setenv(CRASH_ONCE_ENV, str(marker))
-    result = train_lora(examples(), small_config(epochs=2, max_failures=1), str(MODEL_DIR), str(tmp_path), "retry")
+    result = train_lora(examples(), small_config(epochs=2, max_failures=1), model_dir, str(tmp_path), "retry")
     assert marker.exists()  # the first attempt did crash after epoch 1
     assert result.steps == 2 and all(math.isfinite(x) for x in result.losses)
     (state_file,) = (tmp_path / "retry").glob(f"checkpoint_*/{STATE_FILE}")
     assert json.loads(state_file.read_text())["starts"] == [0, 1]  # second attempt started at epoch 1
 
 
-def test_a_worker_failure_without_retries_raises_training_error(ray_cluster, tmp_path):
+def test_a_worker_failure_without_retries_raises_training_error(ray_cluster, model_dir, tmp_path):
     with pytest.raises(TrainingError, match="failed") as info:
-        train_lora(examples(), small_config(target_modules=["no_such_proj"]), str(MODEL_DIR), str(tmp_path), "bad")
+        train_lora(examples(), small_config(target_modules=["no_such_proj"]), model_dir, str(tmp_path), "bad")
     assert info.value.__cause__ is not None
