@@ -8,8 +8,16 @@ a ~110-token last user message that differs per request. Runs, on the same reque
   (b) the engine with max_batch_size=1 (prefix KV reuse only)
   (c) the engine with batching + prefix reuse, for each --batch-sizes value
 
+With --mixed, the real length mix of DSPy calls instead: a third of the requests only
+stop at the completion marker, which this prompt's model never writes, so they run to
+max_tokens (as about a third of real answers do); the rest stop at their first
+sentence. Static batching (a batch runs to its last row) against continuous batching
+(requests join the running batch between steps), at the largest --batch-sizes value,
+with the requests sent all at once and in --waves waves --wave-gap-s apart.
+
     python bench/engine_throughput.py                       # 32 requests, fp32 (auto on CPU)
     python bench/engine_throughput.py --dtype bfloat16 --batch-sizes 1,8,16
+    python bench/engine_throughput.py --mixed --requests 64 --max-tokens 128 --rounds 3
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import os
 import random
 import statistics
 import time
+from dataclasses import replace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -66,6 +75,13 @@ def dspy_requests(n: int, sampling: SamplingParams) -> list[GenerationRequest]:
                               sampling, request_id=str(i)) for i in range(n)]
 
 
+def mixed_requests(n: int, max_tokens: int, temperature: float) -> list[GenerationRequest]:
+    """Every third request rambles to max_tokens; the others stop at the end of their first sentence."""
+    short = SamplingParams(temperature=temperature, max_tokens=max_tokens, stop=(" cm.", COMPLETION_MARKER))
+    long = replace(short, stop=(COMPLETION_MARKER,))
+    return [replace(r, sampling=long) if i % 3 == 2 else r for i, r in enumerate(dspy_requests(n, short))]
+
+
 def run_plain(model, tokenizer, requests: list[GenerationRequest]) -> int:
     """One `generate` call per request, same sampling and stop string. Returns generated tokens."""
     s = requests[0].sampling
@@ -88,6 +104,34 @@ def run_engine(engine: TransformersEngine, requests: list[GenerationRequest]) ->
 
     engine.prefixes.clear()  # every repeat pays for its prefix once, like a fresh candidate program
     return sum(r.completion_tokens for r in asyncio.run(all_at_once()))
+
+
+def run_in_waves(engine: TransformersEngine, requests: list[GenerationRequest], waves: int, gap_s: float) -> int:
+    """`waves` equal waves of requests, `gap_s` apart, all awaited together. Returns generated tokens."""
+    size = -(-len(requests) // waves)
+
+    async def in_waves():
+        tasks = []
+        for start in range(0, len(requests), size):
+            if start:
+                await asyncio.sleep(gap_s)
+            tasks += [asyncio.ensure_future(engine.generate(r)) for r in requests[start: start + size]]
+        return await asyncio.gather(*tasks)
+
+    engine.prefixes.clear()
+    return sum(r.completion_tokens for r in asyncio.run(in_waves()))
+
+
+def run_closed_loop(engine: TransformersEngine, requests: list[GenerationRequest], callers: int) -> int:
+    """`callers` callers, each sending its next request once its last one is answered (DSPy's threads)."""
+    async def caller(todo) -> int:
+        return sum([(await engine.generate(r)).completion_tokens for r in todo])
+
+    async def all_callers():
+        return sum(await asyncio.gather(*(caller(requests[i::callers]) for i in range(callers))))
+
+    engine.prefixes.clear()
+    return asyncio.run(all_callers())
 
 
 def busy_cpu_seconds() -> float:
@@ -121,54 +165,98 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="run every line this many times, interleaved; report medians (this machine's speed "
                              "drifts, so ratios are taken within a round)")
+    parser.add_argument("--mixed", action="store_true", help="real length mix: static vs continuous batching")
+    parser.add_argument("--waves", type=int, default=4, help="--mixed: requests arrive in this many waves...")
+    parser.add_argument("--wave-gap-s", type=float, default=1.0, help="...this many seconds apart")
+    parser.add_argument("--callers", type=int, default=0,
+                        help="--mixed: also this many closed-loop callers (each sends its next request when its "
+                             "last one is answered, like DSPy's threads)")
     args = parser.parse_args()
 
+    lines, baselines = mixed_lines(args) if args.mixed else throughput_lines(args)
+    runs: dict[str, list] = {label: [] for label in lines}
+    for _ in range(args.rounds):
+        for label, (n, fn, _) in lines.items():
+            runs[label].append((n, *timed(fn)))
+    report(runs, {label: engine for label, (_, _, engine) in lines.items()}, baselines)
+
+
+def make_engine(args: argparse.Namespace, batch_size: int, continuous: bool = True) -> TransformersEngine:
+    config = InferenceConfig(max_batch_size=batch_size, batch_wait_ms=5.0, torch_threads=args.threads,
+                             continuous_batching=continuous)
+    engine = TransformersEngine(MODEL_DIR, config, dtype=args.dtype)
+    run_engine(engine, [GenerationRequest(({"role": "user", "content": "Hi"},), SamplingParams(max_tokens=4))])
+    engine.counters = Counters()  # count the measured runs only
+    return engine
+
+
+def describe(args: argparse.Namespace, engine: TransformersEngine, requests: list[GenerationRequest]) -> str:
+    full = prompt_ids(engine.tokenizer, requests[0].messages)
+    return (f"prompt {len(full)} tokens (shared prefix {len(prefix_ids(engine.tokenizer, requests[0].messages, full))})"
+            f", max_tokens {args.max_tokens}, temperature {args.temperature}, {engine.dtype}, "
+            f"{torch.get_num_threads()} threads, {args.rounds} round(s)")
+
+
+def throughput_lines(args: argparse.Namespace) -> tuple[dict, dict]:
+    """(a) plain generate, (b) engine at batch 1, (c) engine per batch size; every ratio is against (a)."""
     sampling = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, stop=(COMPLETION_MARKER,))
     requests = dspy_requests(args.requests, sampling)
     base = requests[: args.baseline_requests or len(requests)]
-    engines = {}
-    for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
-        config = InferenceConfig(max_batch_size=batch_size, batch_wait_ms=5.0, torch_threads=args.threads)
-        engines[batch_size] = engine = TransformersEngine(MODEL_DIR, config, dtype=args.dtype)
-        run_engine(engine, [GenerationRequest(({"role": "user", "content": "Hi"},), SamplingParams(max_tokens=4))])
-        engine.counters = Counters()  # count the measured runs only
+    engines = {batch_size: make_engine(args, batch_size) for batch_size in map(int, args.batch_sizes.split(","))}
     first = next(iter(engines.values()))  # the baseline runs on its model: same weights, dtype and threads
-    tok = first.tokenizer
-    full = prompt_ids(tok, requests[0].messages)
-    print(f"{len(requests)} requests ({len(base)} for the baseline): prompt {len(full)} tokens (shared prefix "
-          f"{len(prefix_ids(tok, requests[0].messages, full))}), max_tokens {args.max_tokens}, temperature "
-          f"{args.temperature}, {first.dtype}, {torch.get_num_threads()} threads, {args.rounds} round(s)")
+    print(f"{len(requests)} requests ({len(base)} for the baseline): {describe(args, first, requests)}")
 
     # The baseline runs on the engines' torch thread too: a second thread doing torch work
     # slows every thread of the process (see torch_thread), which would flatter the engine.
     def plain(some: list[GenerationRequest]) -> int:
-        return run_on_torch_thread(run_plain, first.model, tok, some)
+        return run_on_torch_thread(run_plain, first.model, first.tokenizer, some)
 
     plain(requests[:1])  # warm-up
     lines = {"(a) plain generate, sequential": (len(base), lambda: plain(base), None)}
     for batch_size, engine in engines.items():
         label = "(b) engine, batch 1 (prefix reuse)" if batch_size == 1 else f"(c) engine, max batch {batch_size}"
         lines[label] = (len(requests), lambda engine=engine: run_engine(engine, requests), engine)
-    runs: dict[str, list] = {label: [] for label in lines}
-    for _ in range(args.rounds):
-        for label, (n, fn, _) in lines.items():
-            runs[label].append((n, *timed(fn)))
-    report(runs, {label: engine for label, (_, _, engine) in lines.items()})
+    return lines, {label: next(iter(lines)) for label in lines}
 
 
-def report(runs: dict[str, list], engines: dict) -> None:
-    base = runs[next(iter(runs))]
-    print(f"\n{'run':36} {'req/s':>7} {'gen tok/s':>10} {'x (a)':>6} {'mean batch':>11} {'cached prompt':>14} "
+def mixed_lines(args: argparse.Namespace) -> tuple[dict, dict]:
+    """Static and continuous batching, all at once and in waves; each continuous line is against its static one."""
+    batch_size = max(map(int, args.batch_sizes.split(",")))
+    requests = mixed_requests(args.requests, args.max_tokens, args.temperature)
+    arrivals = {"all at once": run_engine,
+                f"{args.waves} waves {args.wave_gap_s:g}s apart": lambda engine, requests: run_in_waves(
+                    engine, requests, args.waves, args.wave_gap_s)}
+    if args.callers:
+        arrivals[f"{args.callers} callers, closed loop"] = lambda engine, requests: run_closed_loop(
+            engine, requests, args.callers)
+    lines, baselines = {}, {}
+    for arrival, send in arrivals.items():
+        for mode in ("static", "continuous"):
+            engine = make_engine(args, batch_size, continuous=mode == "continuous")
+            label = f"{mode}, {arrival}"
+            lines[label] = (len(requests), lambda engine=engine, send=send: send(engine, requests), engine)
+            baselines[label] = f"static, {arrival}"
+    print(f"{len(requests)} requests, every third rambling to max_tokens, max batch {batch_size}: "
+          f"{describe(args, engine, requests)}")
+    return lines, baselines
+
+
+def report(runs: dict[str, list], engines: dict, baselines: dict[str, str]) -> None:
+    print(f"\n{'run':36} {'req/s':>7} {'gen tok/s':>10} {'x base':>6} {'mean batch':>11} {'cached prompt':>14} "
           f"{'other load':>11}")
     for label, measured in runs.items():
+        base = runs[baselines[label]]
         rps = [n / seconds for n, seconds, _, _ in measured]
         ratios = [r / (bn / bs) for r, (bn, bs, _, _) in zip(rps, base)]  # vs the baseline of the same round
         tok_s = [tokens / seconds for _, seconds, tokens, _ in measured]
         others = max(o for *_, o in measured)
-        c = engines[label].counters if engines[label] else Counters(requests=1, batches=1)
+        c = engines[label].counters if engines[label] else Counters(decode_steps=1, decoded_rows=1)
         print(f"{label:36} {statistics.median(rps):7.3f} {statistics.median(tok_s):10.1f} "
-              f"{statistics.median(ratios):6.2f} {c.requests / max(1, c.batches):11.1f} "
+              f"{statistics.median(ratios):6.2f} {c.decoded_rows / max(1, c.decode_steps):11.1f} "
               f"{c.cached_prompt_tokens / max(1, c.prompt_tokens):14.0%} {others:6.2f} cores")
+    bases = sorted(set(baselines.values()))
+    print(f"(x base: against {bases[0] if len(bases) == 1 else 'the static line with the same arrivals'}, within each round; mean batch: rows per "
+          "decode step)")
 
 
 if __name__ == "__main__":

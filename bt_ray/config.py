@@ -51,7 +51,10 @@ class InferenceConfig:
     gpus_per_replica: float = opt(0.0, "Ray GPUs reserved per replica")
     torch_threads: int = opt(0, "torch threads per replica; 0 = all cores of its node")
     max_batch_size: int = opt(16, "most requests decoded together in one forward pass")
-    batch_wait_ms: float = opt(5.0, "how long a replica waits for more requests before starting a batch")
+    batch_wait_ms: float = opt(5.0, "how long an idle replica waits for more requests before starting a batch")
+    continuous_batching: bool = opt(
+        True, "waiting requests join the running batch between decode steps; false = each batch runs to its "
+        "last row first (static, for comparison)")
     prefix_cache_tokens: int = opt(16384, "KV-cache budget (tokens) for shared prompt prefixes per replica")
     temperature: float = opt(0.1, "sampling temperature for bootstrapping and evaluation (paper: 0.1)")
     top_p: float = opt(1.0, "nucleus sampling cutoff")

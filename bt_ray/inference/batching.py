@@ -4,11 +4,13 @@ A batch runs with one adapter (LoRA weights are switched per forward pass, not p
 row). Within that adapter, requests with the same prompt prefix (all messages but
 the last: instructions + demos of one DSPy program) are taken together, so they
 share one prefix KV and pad little. Oldest first everywhere, so nothing starves.
+Between decode steps, requests for the running batch's adapter join it (`joiners`).
 """
 
 from __future__ import annotations
 
 import itertools
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Hashable
 
@@ -36,24 +38,42 @@ class Pending:
 
 
 class RequestQueue:
+    """Thread-safe: the event loop puts requests in, the torch thread takes them out."""
+
     def __init__(self) -> None:
         self._items: list[Pending] = []
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return len(self._items)
+        with self._lock:
+            return len(self._items)
 
     def put(self, item: Pending) -> None:
-        self._items.append(item)
+        with self._lock:
+            self._items.append(item)
 
     def next_batch(self, max_size: int) -> list[Pending]:
         """Up to `max_size` requests for the oldest request's adapter, whole prefix groups first.
 
         Requests whose caller has gone away (future done, e.g. cancelled) are dropped.
         """
-        self._items = [item for item in self._items if not item.future.done()]
-        if not self._items:
-            return []
-        adapter = self._items[0].request.adapter
+        with self._lock:
+            self._items = [item for item in self._items if not item.future.done()]
+            return self._take(self._items[0].request.adapter, max_size) if self._items else []
+
+    def joiners(self, adapter: str | None, max_size: int) -> list[Pending]:
+        """Up to `max_size` requests for `adapter` to join its running batch.
+
+        None while a request for another adapter waits: the running batch then drains,
+        and the next batch starts with the oldest request, so that one does not starve.
+        """
+        with self._lock:
+            self._items = [item for item in self._items if not item.future.done()]
+            if max_size < 1 or any(item.request.adapter != adapter for item in self._items):
+                return []
+            return self._take(adapter, max_size)
+
+    def _take(self, adapter: str | None, max_size: int) -> list[Pending]:
         same_adapter = [item for item in self._items if item.request.adapter == adapter]
         # Rank each prefix group by its oldest request; keep arrival order inside a group.
         group_rank: dict[Hashable, int] = {}

@@ -1,16 +1,21 @@
 """TransformersEngine: the CPU (and small-GPU) engine, built on plain transformers + peft.
 
-Where its speed comes from (DESIGN.md §2): concurrent `generate` calls are queued
-and run as micro-batches, and the prompt prefix shared by DSPy calls of one program
-(instructions + demos) is computed once per adapter and its KV reused, so a call
-only pays for its short last message and its answer.
+Where its speed comes from (DESIGN.md §2): concurrent `generate` calls are decoded
+together, and the prompt prefix shared by DSPy calls of one program (instructions +
+demos) is computed once per adapter and its KV reused, so a call only pays for its
+short last message and its answer.
 
-    generate() --queue--> batch loop (event loop) --run_in_executor--> worker thread
-                                                                       tokenize, prefix KV,
-                                                                       prefill + decode
+    generate() --queue--> batcher (event loop) --submit--> _serve (torch thread): admit, one decode step
+                                                            ^-- re-submits itself while there is work
+
+Continuous batching: between decode steps, waiting requests for the running batch's
+adapter join it (up to max_batch_size rows), so the batch stays full while answers of
+very different lengths finish at different steps (generation.py). Results go back to
+the callers' event loops with call_soon_threadsafe.
 
 All model work, adapter loads and sleep/wake run on one worker thread, in order, so
-they never race; the event loop only queues requests and hands out results. That
+they never race: each decode step is its own task there, so an adapter load or a sleep
+submitted meanwhile runs between two steps. The event loop only queues requests. That
 thread is shared by every engine in the process (see `torch_thread`).
 """
 
@@ -22,7 +27,6 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -35,7 +39,7 @@ from bt_ray.errors import AdapterError, BtRayError, ConfigError, EngineError
 from bt_ray.inference.batching import Pending, RequestQueue
 from bt_ray.inference.chat import prefix_ids, prompt_ids
 from bt_ray.inference.engine import GenerationRequest, GenerationResult
-from bt_ray.inference.generation import Row, compute_prefix, generate_rows
+from bt_ray.inference.generation import Batch, Row, compute_prefix
 from bt_ray.inference.kv_cache import PrefixKV
 from bt_ray.inference.prefix_cache import PrefixCache
 from bt_ray.inference.sampling import make_generator, request_seed
@@ -43,6 +47,7 @@ from bt_ray.inference.sampling import make_generator, request_seed
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+_UNKNOWN = object()
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -64,10 +69,31 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 class Counters:
     requests: int = 0
     failed_requests: int = 0
-    batches: int = 0
+    batches: int = 0  # prefill batches: a new batch, or rows joining a running one
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0
     generated_tokens: int = 0
+    decode_steps: int = 0
+    decoded_rows: int = 0  # rows decoding, summed over decode steps
+
+
+@dataclass
+class Job:
+    """A request being decoded: its caller's future, its row, and its prompt tokens served from cache."""
+
+    pending: Pending
+    row: Row
+    cached: int
+
+
+def _settle(future: asyncio.Future, outcome: GenerationResult | BaseException) -> None:
+    """Runs on the caller's event loop."""
+    if future.done():  # the caller went away
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
 
 
 _TORCH_THREAD_NAME = "bt-ray-torch"
@@ -108,6 +134,7 @@ class TransformersEngine:
         self._executor = torch_thread()
         run_on_torch_thread(self._load_model, model_dir, threads)
         self._peft: Any = None  # peft.PeftModel wrapping self.model, from the first adapter load on
+        self._peft_mode: Any = _UNKNOWN  # the adapter its LoRA layers are set for (None: off)
         self.adapters: dict[str, str] = {}  # loaded adapter name -> path
         self._used_names: set[str] = set()
         self._stop_ids = _end_of_turn_ids(self.tokenizer, self.model)
@@ -118,6 +145,13 @@ class TransformersEngine:
         self.asleep = False
         self._batcher: asyncio.Task | None = None
         self._arrived: asyncio.Event | None = None
+        # Decode loop state, touched only on the torch thread (but _scheduled, under _lock).
+        self._lock = threading.Lock()
+        self._scheduled = False  # a _serve task is queued or running
+        self._batch: Batch | None = None
+        self._batch_adapter: str | None = None
+        self._batch_id = 0
+        self._jobs: dict[int, Job] = {}  # id(row) -> job, for every row of the running batch
         logger.info("transformers engine: %s on %s (%s), %d torch threads", model_dir, self.device, self.dtype, threads)
 
     def _load_model(self, model_dir: str, threads: int) -> None:
@@ -154,8 +188,9 @@ class TransformersEngine:
         c = self.counters
         return {
             "engine": "transformers", "dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device),
-            "adapters": sorted(self.adapters), "queue": len(self.queue), "asleep": self.asleep,
-            **asdict(c), "mean_batch_size": (c.requests / c.batches) if c.batches else 0.0,
+            "adapters": sorted(self.adapters), "queue": len(self.queue), "running": len(self._jobs),
+            "asleep": self.asleep, "continuous_batching": self.config.continuous_batching, **asdict(c),
+            "mean_batch_size": (c.decoded_rows / c.decode_steps) if c.decode_steps else 0.0,
             "prefix_cache": self.prefixes.stats(),
         }
 
@@ -167,29 +202,16 @@ class TransformersEngine:
             self._batcher = asyncio.get_running_loop().create_task(self._batch_loop())
 
     async def _batch_loop(self) -> None:
+        """Start the decode loop when requests arrive at an idle engine (a busy one takes them itself)."""
         while True:
-            await self._wait_for_requests()
-            batch = self.queue.next_batch(self.config.max_batch_size)
-            if not batch:
-                continue
-            try:
-                outcomes = await self._on_worker(self._run_batch, [p.request for p in batch])
-            except Exception as exc:  # the batch as a whole failed: every caller hears about it
-                logger.exception("transformers engine: a batch of %d requests failed", len(batch))
-                outcomes = [exc] * len(batch)
-            for pending, outcome in zip(batch, outcomes):
-                if pending.future.done():  # the caller went away
-                    continue
-                if isinstance(outcome, BaseException):
-                    pending.future.set_exception(outcome)
-                else:
-                    pending.future.set_result(outcome)
-
-    async def _wait_for_requests(self) -> None:
-        """Wait for a first request, then up to batch_wait_ms for the batch to fill."""
-        while not len(self.queue):
-            self._arrived.clear()
             await self._arrived.wait()
+            self._arrived.clear()
+            if not self._scheduled:
+                await self._wait_to_fill()
+            self._schedule()
+
+    async def _wait_to_fill(self) -> None:
+        """Up to batch_wait_ms for a first batch to fill: rows prefilled together pad less and share prefixes."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.batch_wait_ms / 1000
         while len(self.queue) < self.config.max_batch_size and loop.time() < deadline:
@@ -202,45 +224,148 @@ class TransformersEngine:
     async def _on_worker(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    # ------------------------------------------------------------ model work (worker thread)
+    # ------------------------------------------------------------ decode loop (torch thread)
 
-    def _run_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult | Exception]:
-        """Generate for requests sharing one adapter. Returns a result or an exception per request."""
-        adapter = requests[0].adapter
+    def _schedule(self, again: bool = False) -> None:
+        """Queue one `_serve` on the torch thread, unless one is queued already (any thread).
+
+        One step per task: adapter loads and sleep/wake submitted meanwhile run between
+        two steps, in order, and never during one.
+        """
+        with self._lock:
+            if again:  # called by _serve: go on while rows decode or requests wait
+                self._scheduled = bool(self._jobs) or len(self.queue) > 0
+            elif self._scheduled:
+                return
+            else:
+                self._scheduled = True
+            if self._scheduled:
+                self._executor.submit(self._serve)
+
+    def _serve(self) -> None:
+        """Admit waiting requests into the running batch, then decode one step."""
+        try:
+            with torch.inference_mode():
+                self._admit()
+                if self._jobs:
+                    self._decode_step()
+        except Exception as exc:  # a bug here must not leave callers waiting
+            self._fail_running(exc)
+        finally:
+            self._schedule(again=True)
+
+    def _admit(self) -> None:
+        if not self._jobs:  # idle: a new batch for the oldest request's adapter
+            taken = self.queue.next_batch(self.config.max_batch_size)
+        elif self.config.continuous_batching:
+            taken = self.queue.joiners(self._batch_adapter, self.config.max_batch_size - len(self._jobs))
+        else:
+            return
+        if not taken:
+            return
+        adapter, started = taken[0].request.adapter, time.perf_counter()
+        unavailable = self._unavailable(adapter)
+        if unavailable:
+            for pending in taken:
+                self._finish(pending, unavailable, adapter)
+            return
+        self._use_adapter(adapter)
+        jobs = self._make_jobs(taken)
+        if not jobs:
+            return
+        if not self._jobs:
+            self._batch = Batch(self.model, self.tokenizer, self._pad_id, self._stop_ids, self.config.max_batch_size)
+            self._batch_adapter, self._batch_id = adapter, self._batch_id + 1
+        self._jobs.update((id(job.row), job) for job in jobs)
+        try:
+            done = self._batch.join([job.row for job in jobs])
+        except Exception as exc:
+            self._fail_running(exc)
+            return
+        self.counters.batches += 1
+        self._collect(done)
+        logger.debug("batch %d: %d rows joined (adapter %r) in %.2fs; prefix cache %s", self._batch_id,
+                     len(jobs), adapter, time.perf_counter() - started, self.prefixes.stats())
+
+    def _make_jobs(self, taken: list[Pending]) -> list[Job]:
+        jobs: list[Job] = []
+        fresh: dict[tuple, PrefixKV] = {}  # prefixes computed for these rows
+        for pending in taken:
+            try:
+                jobs.append(Job(pending, *self._make_row(pending.request, fresh)))
+            except Exception as exc:  # a bad request fails alone
+                self._finish(pending, _request_error(pending.request, exc), pending.request.adapter)
+        return jobs
+
+    def _decode_step(self) -> None:
+        unavailable = self._unavailable(self._batch_adapter)  # slept or unloaded since the last step
+        if unavailable:
+            self._end_batch(unavailable)
+            return
+        for job in list(self._jobs.values()):
+            if job.pending.future.done():  # the caller went away: free its slot
+                self._batch.drop(job.row)
+                del self._jobs[id(job.row)]
+        if not self._jobs:
+            self._batch = None
+            return
+        self.counters.decode_steps += 1
+        self.counters.decoded_rows += len(self._jobs)
+        try:
+            self._use_adapter(self._batch_adapter)
+            finished = self._batch.step()
+        except Exception as exc:
+            self._fail_running(exc)
+            return
+        self._collect(finished)
+
+    def _collect(self, finished: list[Row]) -> None:
+        """Hand finished rows to their callers; the batch ends with its last row."""
+        for row in finished:
+            job = self._jobs.pop(id(row))
+            result = GenerationResult(job.pending.request.request_id, row.text, len(row.prompt), len(row.tokens),
+                                      row.finish_reason, self._batch_adapter, job.cached)
+            self._finish(job.pending, result, self._batch_adapter)
+        if not self._jobs:
+            self._batch = None  # frees its KV cache
+
+    def _fail_running(self, exc: Exception) -> None:
+        """A failed step fails every row of the batch; the engine goes on with a new one."""
+        rows = len(self._jobs)
+        logger.exception("transformers engine: batch %d (%d rows) failed", self._batch_id, rows)
+        error = EngineError(f"transformers engine: batch {self._batch_id} of {rows} requests "
+                            f"(adapter {self._batch_adapter!r}) failed: {exc!r}")
+        error.__cause__ = exc
+        self._end_batch(error)
+
+    def _end_batch(self, error: Exception) -> None:
+        for job in self._jobs.values():
+            self._finish(job.pending, error, self._batch_adapter)
+        self._jobs, self._batch = {}, None
+
+    def _finish(self, pending: Pending, outcome: GenerationResult | Exception, adapter: str | None) -> None:
+        """Count an outcome and hand it to the caller's event loop (futures are not thread-safe)."""
+        c = self.counters
+        c.requests += 1
+        if isinstance(outcome, GenerationResult):
+            c.prompt_tokens += outcome.prompt_tokens
+            c.cached_prompt_tokens += outcome.cached_prompt_tokens
+            c.generated_tokens += outcome.completion_tokens
+        else:
+            c.failed_requests += 1
+        try:
+            pending.future.get_loop().call_soon_threadsafe(_settle, pending.future, outcome)
+        except RuntimeError:  # the caller's event loop is closed: nobody is waiting
+            pass
+
+    def _unavailable(self, adapter: str | None) -> Exception | None:
         if self.asleep:
-            error = EngineError("the transformers engine went to sleep before this request ran; call wake()")
-            return [error] * len(requests)
+            return EngineError("the transformers engine went to sleep before this request finished; call wake()")
         if adapter is not None and adapter not in self.adapters:
             loaded = ", ".join(sorted(self.adapters)) or "none"
-            return [AdapterError(f"adapter {adapter!r} is not loaded on this engine (loaded: {loaded}); "
-                                 "load it with load_adapter() first")] * len(requests)
-        started = time.perf_counter()
-        outcomes: list[GenerationResult | Exception | None] = [None] * len(requests)
-        rows: dict[int, tuple[Row, int]] = {}  # request index -> (row, cached prompt tokens)
-        with torch.inference_mode(), self._adapter_context(adapter):
-            fresh: dict[tuple, PrefixKV] = {}  # prefixes computed for this batch
-            for i, request in enumerate(requests):
-                try:
-                    rows[i] = self._make_row(request, fresh)
-                except Exception as exc:  # a bad request fails alone
-                    outcomes[i] = _request_error(request, exc)
-            if rows:
-                try:
-                    generate_rows(self.model, self.tokenizer, [row for row, _ in rows.values()],
-                                  self._pad_id, self._stop_ids)
-                except Exception as exc:
-                    logger.exception("transformers engine: a batch of %d requests failed", len(rows))
-                    error = EngineError(f"transformers engine: a batch of {len(rows)} requests "
-                                        f"(adapter {adapter!r}) failed: {exc!r}")
-                    error.__cause__ = exc
-                    for i in rows:
-                        outcomes[i] = error
-                    rows = {}
-        for i, (row, cached) in rows.items():
-            outcomes[i] = GenerationResult(requests[i].request_id, row.text, len(row.prompt), len(row.tokens),
-                                           row.finish_reason, adapter, cached)
-        self._count(outcomes, adapter, started)
-        return outcomes
+            return AdapterError(f"adapter {adapter!r} is not loaded on this engine (loaded: {loaded}); "
+                                "load it with load_adapter() first")
+        return None
 
     def _make_row(self, request: GenerationRequest, fresh: dict[tuple, PrefixKV]) -> tuple[Row, int]:
         """Tokenize a request and find (or compute) its prefix KV. Returns the row and its cached tokens."""
@@ -265,27 +390,21 @@ class TransformersEngine:
         generator = make_generator(request_seed(sampling, prompt), self.device)
         return Row(prompt, prefix, sampling, generator), cached
 
-    def _adapter_context(self, adapter: str | None):
-        if self._peft is None:
-            return nullcontext()
-        if adapter is None:  # the base model: LoRA layers off (peft cannot disable with no adapter loaded)
-            return self._peft.disable_adapter() if self.adapters else nullcontext()
-        self._peft.set_adapter(adapter)
-        return nullcontext()
+    def _use_adapter(self, adapter: str | None) -> None:
+        """LoRA layers on with `adapter` active, or off for the base model (None).
 
-    def _count(self, outcomes: list, adapter: str | None, started: float) -> None:
-        c = self.counters
-        c.batches += 1
-        for outcome in outcomes:
-            c.requests += 1
-            if isinstance(outcome, GenerationResult):
-                c.prompt_tokens += outcome.prompt_tokens
-                c.cached_prompt_tokens += outcome.cached_prompt_tokens
-                c.generated_tokens += outcome.completion_tokens
-            else:
-                c.failed_requests += 1
-        logger.debug("batch of %d (adapter %r) in %.2fs; prefix cache %s", len(outcomes), adapter,
-                     time.perf_counter() - started, self.prefixes.stats())
+        Switched only when it changes, not entered as peft's disable_adapter() context at
+        every step: that context walks every module twice, ~8 ms, 6% of a decode step.
+        """
+        if self._peft is None or self._peft_mode == adapter:
+            return
+        if adapter is None:  # (peft cannot disable with no adapter loaded; with none, LoRA layers do nothing)
+            if self.adapters:
+                self._peft.base_model.disable_adapter_layers()
+        else:
+            self._peft.base_model.enable_adapter_layers()
+            self._peft.set_adapter(adapter)
+        self._peft_mode = adapter
 
     def _load_adapter(self, name: str, path: str) -> None:
         from peft import PeftModel  # peft is only needed once adapters are used
@@ -301,9 +420,12 @@ class TransformersEngine:
                 self._peft = PeftModel.from_pretrained(self.model, path, adapter_name=name, is_trainable=False)
             else:
                 self._peft.load_adapter(path, adapter_name=name, is_trainable=False)
+                if not self.adapters:  # peft still names the last unloaded adapter active: base calls would fail
+                    self._peft.set_adapter(name)
         except Exception as exc:
             raise AdapterError(f"could not load adapter {name!r} from {path}: {exc}") from exc
         self._peft.eval()
+        self._peft_mode = _UNKNOWN  # the load may have switched layers on
         self.adapters[name] = path
         self._used_names.add(name)
         logger.info("loaded adapter %s from %s", name, path)
@@ -313,6 +435,7 @@ class TransformersEngine:
             loaded = ", ".join(sorted(self.adapters)) or "none"
             raise AdapterError(f"adapter {name!r} is not loaded (loaded: {loaded})")
         self._peft.delete_adapter(name)
+        self._peft_mode = _UNKNOWN
         del self.adapters[name]
         evicted = self.prefixes.evict_adapter(name)
         logger.info("unloaded adapter %s (%d cached prefixes dropped)", name, evicted)

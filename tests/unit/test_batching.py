@@ -1,4 +1,4 @@
-"""Pure logic of the batching engine: queue grouping, prefix LRU accounting, sampling, stop strings."""
+"""Pure logic of the batching engine: queue grouping and joining, prefix LRU accounting, sampling, stop strings."""
 
 import torch
 
@@ -52,6 +52,20 @@ def test_batch_respects_max_size_and_drops_cancelled():
     assert len(queue) == 3
 
 
+def test_joiners_take_the_running_adapter_until_another_adapter_waits():
+    queue = RequestQueue()
+    for item in [pending("A", "1", "v1"), pending("B", "1", "v1"), pending("A", "2", "v1")]:
+        queue.put(item)
+    assert ids(queue.joiners("v1", 2)) == ["v1:A:1", "v1:A:2"]  # whole prefix groups first
+    assert queue.joiners("v1", 0) == []  # the batch is full
+    queue.put(pending("A", "3"))  # the base model's request waits: the v1 batch drains, none join it
+    queue.put(pending("A", "4", "v1"))
+    assert queue.joiners("v1", 8) == [] and len(queue) == 3
+    assert ids(queue.next_batch(8)) == ["v1:B:1", "v1:A:4"]  # v1:B:1 is older than None:A:3
+    assert queue.joiners("v1", 8) == []
+    assert ids(queue.next_batch(8)) == ["None:A:3"]
+
+
 def test_prefix_cache_lru_and_token_budget():
     cache = PrefixCache(max_tokens=10)
     assert cache.put((None, (1, 2, 3, 4)), "a", 4)
@@ -98,6 +112,14 @@ def test_top_p_keeps_only_the_nucleus():
     generator = make_generator(0, "cpu")
     drawn = {int(sample(logits, 1.0, 0.8, generator)) for _ in range(200)}
     assert drawn == {0, 1}
+
+
+def test_sample_follows_the_distribution_and_never_draws_zero_mass():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.2, 0.0]))
+    generator = make_generator(0, "cpu")
+    counts = torch.bincount(torch.stack([sample(logits, 1.0, 1.0, generator) for _ in range(3000)]), minlength=4)
+    assert counts[3] == 0
+    assert torch.allclose(counts[:3] / 3000, torch.tensor([0.5, 0.3, 0.2]), atol=0.03)
 
 
 def test_stop_index_finds_earliest_stop():

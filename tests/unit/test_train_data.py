@@ -1,23 +1,12 @@
-"""bt_ray.train.data with the real SmolLM2 tokenizer (no Ray, no model weights)."""
+"""bt_ray.train.data with the real SmolLM2 tokenizer (no Ray, no model weights).
 
-from pathlib import Path
+`tokenizer` is the shared fixture in tests/conftest.py (converts the shipped model once).
+"""
 
 import pytest
 
 from bt_ray.inference import chat
 from bt_ray.train.data import IGNORE, TokenizedExample, collate, messages_of, pad_id_of, plan_epoch, tokenize
-
-MODEL_DIR = Path("~/.cache/bt-ray/models/SmolLM2-135M-Instruct").expanduser()
-pytestmark = pytest.mark.skipif(not (MODEL_DIR / "tokenizer.json").is_file(),
-                                reason="SmolLM2 checkpoint not converted yet (bt_ray.model.resolve_model)")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(MODEL_DIR)
-
 
 def conversation(answer="[[ ## answer ## ]]\nsetosa\n\n[[ ## completed ## ]]", question="petal length 1.4"):
     return [{"role": "system", "content": "Classify the iris."},

@@ -5,8 +5,6 @@ outputs of plain unbatched `model.generate` on the same prompts, token for token
 """
 
 import asyncio
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,13 +16,7 @@ from bt_ray.inference.engine import GenerationRequest, SamplingParams
 
 pytestmark = pytest.mark.integration
 
-MODEL_DIR = Path(os.environ.get("BT_RAY_TEST_MODEL", "~/.cache/bt-ray/models/SmolLM2-135M-Instruct"))
-MODEL_DIR = MODEL_DIR.expanduser()
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, stop=())
-
-if not (MODEL_DIR / "config.json").is_file():
-    pytest.skip(f"no test checkpoint at {MODEL_DIR}", allow_module_level=True)
-
 
 def messages(task: str, demos: int, question: str) -> tuple[dict[str, str], ...]:
     """A DSPy-like prompt: instructions, `demos` question/answer turns, then the question."""
@@ -51,19 +43,19 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def engine():
+def engine(model_dir):
     from bt_ray.inference.transformers_engine import TransformersEngine
 
     # float32: greedy outputs must match plain generate exactly, whatever "auto" picks.
     config = InferenceConfig(max_batch_size=8, batch_wait_ms=50, prefix_cache_tokens=4096)
-    return TransformersEngine(str(MODEL_DIR), config, dtype="float32")
+    return TransformersEngine(model_dir, config, dtype="float32")
 
 
 @pytest.fixture(scope="module")
-def plain_model():
+def plain_model(model_dir):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32, attn_implementation="sdpa").eval()
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
 
 
 def reference(model, tokenizer, prompt, max_tokens=GREEDY.max_tokens) -> str:
@@ -141,12 +133,12 @@ def test_bad_request_fails_alone(engine, plain_model):
 
 
 @pytest.fixture(scope="module")
-def lora_dir(tmp_path_factory):
+def lora_dir(model_dir, tmp_path_factory):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     # Random, non-zero LoRA weights; alpha 64 (scale 8) so that greedy answers visibly change.
     config = LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "k_proj"], init_lora_weights=False)
     lora = get_peft_model(model, config)
@@ -191,15 +183,102 @@ def test_sleep_frees_the_prefix_cache_and_wake_restores(engine):
     assert health["requests"] > 0 and health["mean_batch_size"] > 1 and health["cached_prompt_tokens"] > 0
 
 
-def test_a_failed_batch_reaches_every_caller_and_the_engine_goes_on(engine, monkeypatch):
-    import bt_ray.inference.transformers_engine as module
+def test_a_failed_step_reaches_every_caller_of_its_batch_and_the_engine_goes_on(engine, monkeypatch):
+    from bt_ray.inference import generation
 
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory (simulated)")
 
-    with monkeypatch.context() as patch:
-        patch.setattr(module, "generate_rows", broken)
-        failed = run(engine, [GenerationRequest(p, GREEDY) for p in PROMPTS[:3]])
-    assert all(isinstance(f, EngineError) and "simulated" in str(f) for f in failed)
+    for name in ("step", "join"):  # a failed decode step, a failed prefill
+        with monkeypatch.context() as patch:
+            patch.setattr(generation.Batch, name, broken)
+            failed = run(engine, [GenerationRequest(p, GREEDY) for p in PROMPTS[:3]])
+        assert all(isinstance(f, EngineError) and "simulated" in str(f) and "batch" in str(f) for f in failed)
+        assert engine._batch is None and not engine._jobs
+        (ok,) = run(engine, [GenerationRequest(PROMPTS[0], GREEDY)])
+        assert ok.finish_reason in ("stop", "length")
+
+
+async def after_steps(engine, steps: int) -> None:
+    target = engine.counters.decode_steps + steps
+    while engine.counters.decode_steps < target:
+        await asyncio.sleep(0.005)
+
+
+def staggered(engine, waves):
+    """Submit waves of requests, each `steps` decode steps after the one before, while they decode."""
+    async def submit():
+        tasks = []
+        for steps, requests in waves:
+            await after_steps(engine, steps)
+            tasks += [asyncio.ensure_future(engine.generate(r)) for r in requests]
+        return await asyncio.gather(*tasks, return_exceptions=True)
+    return asyncio.run(submit())
+
+
+LONG = messages("history", 4, "Who built the pyramids of Giza, and how long did it take?")  # wider than PROMPTS
+
+
+def test_rows_joining_a_running_batch_match_plain_generate(engine, plain_model, monkeypatch):
+    from bt_ray.inference import generation
+
+    # Wave 2 (prefixed, wider than the batch so far: the cache is re-laid out) joins after 3 steps;
+    # wave 3 after 30 more, into slots compacted after rows finished, right-aligned with zero pads.
+    # PROMPTS[6] rambles to max_tokens. Little room per layout, so the cache grows many times.
+    monkeypatch.setattr(generation, "MIN_ROOM", 4)
+    waves = [(0, [(PROMPTS[6], 40), (PROMPTS[5], 8), (PROMPTS[2], 16), (PROMPTS[0], 30)]),
+             (3, [(LONG, 24), (PROMPTS[4], 12), (PROMPTS[3], 20)]),
+             (30, [(PROMPTS[6], 50), (({"role": "user", "content": "Name three colours."},), 12), (PROMPTS[4], 30)])]
+    requests = [[GenerationRequest(p, SamplingParams(temperature=0.0, max_tokens=n, stop=()), request_id=f"{w}.{i}")
+                 for i, (p, n) in enumerate(wave)] for w, (_, wave) in enumerate(waves)]
+    batch_before, joins_before = engine._batch_id, engine.counters.batches
+    results = staggered(engine, [(steps, r) for (steps, _), r in zip(waves, requests)])
+    flat = [r for wave in requests for r in wave]
+    assert [r.request_id for r in results] == [r.request_id for r in flat]
+    expected = [reference(plain_model, engine.tokenizer, r.messages, r.sampling.max_tokens) for r in flat]
+    assert [r.text for r in results] == expected
+    assert engine._batch_id - batch_before == 1  # one running batch: the later waves joined it
+    assert engine.counters.batches - joins_before >= 3
+    assert [r.prompt_tokens for r in results] == [len(prompt_ids(engine.tokenizer, r.messages)) for r in flat]
+    assert results[0].finish_reason == "length" and results[0].completion_tokens == 40
+
+
+def test_static_batching_keeps_later_requests_waiting(engine, plain_model):
+    engine.config.continuous_batching = False
+    try:
+        first = [GenerationRequest(PROMPTS[6], SamplingParams(temperature=0.0, max_tokens=16, stop=()))]
+        later = [GenerationRequest(PROMPTS[1], GREEDY)]
+        batch_before = engine._batch_id
+        results = staggered(engine, [(0, first), (3, later)])
+    finally:
+        engine.config.continuous_batching = True
+    assert engine._batch_id - batch_before == 2
+    assert results[1].text == reference(plain_model, engine.tokenizer, PROMPTS[1])
+
+
+def test_adapter_load_between_steps_leaves_a_running_base_batch_alone(engine, plain_model, lora_dir):
+    ramble = SamplingParams(temperature=0.0, max_tokens=24, stop=())
+    async def load_while_decoding():
+        task = asyncio.gather(*(engine.generate(GenerationRequest(p, ramble)) for p in PROMPTS[5:7]))
+        await after_steps(engine, 2)
+        await engine.load_adapter("run-v2", lora_dir)
+        assert engine._jobs  # loaded between two steps of the running batch
+        return await task
+    results = asyncio.run(load_while_decoding())
+    assert [r.text for r in results] == [reference(plain_model, engine.tokenizer, p, 24) for p in PROMPTS[5:7]]
+    asyncio.run(engine.unload_adapter("run-v2"))
+
+
+def test_sleep_between_steps_fails_the_running_rows_and_nobody_hangs(engine):
+    async def sleep_while_decoding():
+        task = asyncio.gather(*(engine.generate(GenerationRequest(p, SamplingParams(temperature=0.0, max_tokens=40,
+                                                                                    stop=()))) for p in PROMPTS[5:7]),
+                              return_exceptions=True)
+        await after_steps(engine, 2)
+        await engine.sleep()
+        return await asyncio.wait_for(task, 60)
+    failed = asyncio.run(sleep_while_decoding())
+    asyncio.run(engine.wake())
+    assert all(isinstance(f, EngineError) and "sleep" in str(f) for f in failed)
     (ok,) = run(engine, [GenerationRequest(PROMPTS[0], GREEDY)])
     assert ok.finish_reason in ("stop", "length")
