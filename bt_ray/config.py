@@ -61,6 +61,8 @@ class InferenceConfig:
     max_tokens: int = opt(256, "most tokens generated per call")
     max_inflight: int = opt(64, "most program runs in flight at once across the pool (fan-out bound)")
     request_timeout_s: float = opt(600.0, "a request not answered in this time fails with the replica named")
+    request_retries: int = opt(2, "times a request whose replica died is resent to a live replica")
+    replica_restarts: int = opt(3, "dead replicas the pool replaces in one run before it gives up")
 
 
 @dataclass
@@ -269,6 +271,9 @@ def validate(config: RunConfig) -> list[str]:
     _positive(problems, "prompt", pr, ["train_size", "val_size"])
     _positive(problems, "train", tr, ["num_workers", "lora_rank", "lora_alpha", "epochs", "batch_size",
                                       "micro_batch_size", "max_seq_len"])
+    if inf.request_retries < 0 or inf.replica_restarts < 0:
+        problems.append("inference.request_retries / replica_restarts: must be >= 0 (0 = a dead replica fails "
+                        "its requests / is not replaced)")
     if inf.cpus_per_replica < 0 or inf.gpus_per_replica < 0:
         problems.append("inference.cpus_per_replica / gpus_per_replica: must be >= 0")
     if not 0 <= inf.temperature <= 2:

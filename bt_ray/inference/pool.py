@@ -3,6 +3,12 @@
 Every model call of every phase goes through `generate`, from many driver threads
 at once. Adapters are versioned by name (`<run>-v<N>`), loaded on every replica;
 the base model is always available as version None.
+
+A replica that dies (its actor process is gone) is taken out of the router at once,
+its requests are resent to live replicas (`inference.request_retries`), and a new
+actor takes its place in the background with every adapter version loaded before it
+gets traffic (`inference.replica_restarts`). Any other failure is the request's own
+and is raised, naming the replica and the request.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import hashlib
 import itertools
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 
 from bt_ray.config import RunConfig
@@ -64,61 +71,111 @@ class InferencePool:
         self.config = config
         self.model_dir = model_dir
         self.run_name = run_name
-        self.replicas: dict[str, object] = {}
-        self.adapters: dict[str, str] = {}  # version name -> adapter dir
+        self.replicas: dict[str, object] = {}  # live replica id -> actor
+        self.adapters: dict[str, str] = {}  # version name -> adapter dir, in load order
         self.usage = Usage()
+        self.restarts: list[dict] = []  # one entry per replaced replica: who, why, when
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # a replica joined or a replacement failed
+        self._adapters_lock = threading.Lock()  # adapter loads and replica replacements, one at a time
+        self._replacing: dict[str, threading.Thread] = {}
+        self._failures: list[str] = []  # replacements that failed: why
         self._ids = itertools.count()
+        self._slots = itertools.count(config.inference.replicas)  # actor names of replacements
         self.router: Router | None = None
 
     # ------------------------------------------------------------ lifecycle
 
     def start(self, timeout_s: float = 300.0) -> None:
-        import ray
-
         inf = self.config.inference
-        actor_cls = ray.remote(ReplicaActor)
-        for i in range(inf.replicas):
-            rid = f"replica-{i}"
-            options = placement.replica_options(self.config, self.run_name, i)
-            self.replicas[rid] = actor_cls.options(**options).remote(
-                rid, inf.engine, self.model_dir, inf, self.config.model.dtype)
-        asked = {"CPU": inf.cpus_per_replica, "GPU": inf.gpus_per_replica}
-        health = placement.wait_ready([a.health.remote() for a in self.replicas.values()],
-                                      "inference replicas", timeout_s, asked)
+        actors = {f"replica-{i}": self._spawn(f"replica-{i}", i) for i in range(inf.replicas)}
+        health = placement.wait_ready([a.health.remote() for a in actors.values()],
+                                      "inference replicas", timeout_s, self._asked())
+        self.replicas.update(actors)
         self.router = Router(list(self.replicas))
         logger.info("inference pool ready: %d replica(s), engine=%s", len(health), inf.engine)
 
     def shutdown(self) -> None:
         import ray
 
-        for actor in self.replicas.values():
+        with self._lock:
+            actors, self.replicas = list(self.replicas.values()), {}
+            self._failures.append("the pool was shut down")
+            self._changed.notify_all()
+        for actor in actors:
             ray.kill(actor)
-        self.replicas.clear()
+
+    def _spawn(self, replica_id: str, index: int):
+        import ray
+
+        inf = self.config.inference
+        options = placement.replica_options(self.config, self.run_name, index)
+        return ray.remote(ReplicaActor).options(**options).remote(
+            replica_id, inf.engine, self.model_dir, inf, self.config.model.dtype)
+
+    def _asked(self) -> dict[str, float]:
+        inf = self.config.inference
+        return {"CPU": inf.cpus_per_replica, "GPU": inf.gpus_per_replica}
 
     # ------------------------------------------------------------ calls
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
-        """Send one request to the least-loaded replica and wait for its answer (thread-safe)."""
-        import ray
+        """Send one request to the least-loaded live replica and wait for its answer (thread-safe).
 
+        If that replica dies, the request goes to another one (it is counted once, when answered).
+        """
         if request.adapter is not None and request.adapter not in self.adapters:
             raise AdapterError(f"model version {request.adapter!r} is not loaded in the pool; "
                                f"loaded: {', '.join(self.adapters) or 'none (base only)'}")
-        request_id = request.request_id or f"req-{next(self._ids)}"
-        replica_id = self.router.pick(prefix_key(request))
+        request = _with_id(request, request.request_id or f"req-{next(self._ids)}")
+        died: list[str] = []
+        while True:
+            replica_id, actor = self._pick(request, died)
+            try:
+                result = self._call(replica_id, actor, request)
+            except ReplicaDied as exc:
+                died.append(f"{replica_id}: {exc.cause!r}")
+                if len(died) > self.config.inference.request_retries:
+                    raise EngineError(
+                        f"request {request.request_id} (model version {request.adapter or 'base'}) lost its replica "
+                        f"{len(died)} times, more than inference.request_retries="
+                        f"{self.config.inference.request_retries}: {'; '.join(died)}") from exc.cause
+                logger.warning("%s died serving request %s; resending it to a live replica", replica_id,
+                               request.request_id)
+                continue
+            with self._lock:
+                self.usage.add(result)
+            return result
+
+    def _call(self, replica_id: str, actor, request: GenerationRequest) -> GenerationResult:
+        import ray
+        from ray.exceptions import RayActorError
+
         try:
-            ref = self.replicas[replica_id].generate.remote(_with_id(request, request_id))
-            result = ray.get(ref, timeout=self.config.inference.request_timeout_s)
+            ref = actor.generate.remote(request)
+            return ray.get(ref, timeout=self.config.inference.request_timeout_s)
+        except RayActorError as exc:
+            self._replace(replica_id, actor, exc)
+            raise ReplicaDied(exc) from exc
         except Exception as exc:
             raise EngineError(
-                f"{replica_id} failed request {request_id} (model version {request.adapter or 'base'}, "
+                f"{replica_id} failed request {request.request_id} (model version {request.adapter or 'base'}, "
                 f"{len(request.messages)} messages): {type(exc).__name__}: {exc}") from exc
         finally:
             self.router.done(replica_id)
+
+    def _pick(self, request: GenerationRequest, died: list[str]):
+        """A live replica for `request`, waiting for a replacement while none is live."""
+        deadline = time.monotonic() + self.config.inference.request_timeout_s
         with self._lock:
-            self.usage.add(result)
-        return result
+            while True:
+                if self.replicas:
+                    replica_id = self.router.pick(prefix_key(request))
+                    return replica_id, self.replicas[replica_id]
+                if not self._replacing or time.monotonic() > deadline:
+                    why = "; ".join(self._failures + died) or "no replica was started"
+                    raise EngineError(f"no live inference replica for request {request.request_id}: {why}")
+                self._changed.wait(timeout=1.0)
 
     def usage_snapshot(self) -> Usage:
         with self._lock:
@@ -129,28 +186,99 @@ class InferencePool:
     def load_adapter(self, name: str, path: str) -> None:
         """Load a new adapter version on every replica; a name is never reused (stale caches)."""
         import ray
+        from ray.exceptions import RayActorError
 
         if name in self.adapters:
             raise AdapterError(f"adapter version {name!r} is already loaded; each fine-tune gets a new name")
-        refs = {rid: actor.load_adapter.remote(name, path) for rid, actor in self.replicas.items()}
-        for rid, ref in refs.items():
-            try:
-                ray.get(ref)
-            except Exception as exc:
-                raise AdapterError(f"{rid} could not load adapter {name!r} from {path}: {exc}") from exc
-        self.adapters[name] = path
+        with self._adapters_lock:  # a replacement started meanwhile loads it too
+            with self._lock:
+                refs = {rid: (actor, actor.load_adapter.remote(name, path)) for rid, actor in self.replicas.items()}
+            for rid, (actor, ref) in refs.items():
+                try:
+                    ray.get(ref)
+                except RayActorError as exc:  # its replacement loads every version first
+                    self._replace(rid, actor, exc)
+                except Exception as exc:
+                    raise AdapterError(f"{rid} could not load adapter {name!r} from {path}: {exc}") from exc
+            self.adapters[name] = path
         logger.info("adapter %s loaded on %d replica(s)", name, len(refs))
 
     def unload_adapter(self, name: str) -> None:
         import ray
 
-        ray.get([actor.unload_adapter.remote(name) for actor in self.replicas.values()])
-        self.adapters.pop(name, None)
+        with self._adapters_lock:
+            self.adapters.pop(name, None)
+            with self._lock:
+                actors = list(self.replicas.values())
+            ray.get([actor.unload_adapter.remote(name) for actor in actors])
 
     def health(self) -> list[dict]:
         import ray
 
-        return ray.get([actor.health.remote() for actor in self.replicas.values()])
+        with self._lock:
+            actors = list(self.replicas.values())
+        return ray.get([actor.health.remote() for actor in actors])
+
+    # ------------------------------------------------------------ replica deaths
+
+    def _replace(self, replica_id: str, actor, cause: BaseException) -> None:
+        """Take a dead replica out of the router and start its replacement (once per death, any thread)."""
+        with self._lock:
+            if self.replicas.get(replica_id) is not actor:
+                return  # already replaced, or being replaced
+            del self.replicas[replica_id]
+            self.router.remove(replica_id)
+            self.restarts.append({"replica": replica_id, "cause": repr(cause), "at": time.time()})
+            if len(self.restarts) > self.config.inference.replica_restarts:
+                why = (f"{replica_id} died ({cause!r}) and {len(self.restarts) - 1} replica(s) were replaced "
+                       f"already, the most inference.replica_restarts="
+                       f"{self.config.inference.replica_restarts} allows")
+                logger.error("%s; %d replica(s) left", why, len(self.replicas))
+                self._failures.append(why)
+                self._changed.notify_all()
+                return
+            logger.warning("%s died (%r); %d live replica(s) serve while a new one starts",
+                           replica_id, cause, len(self.replicas))
+            thread = threading.Thread(target=self._start_replacement, args=(replica_id,),
+                                      name=f"replace-{replica_id}", daemon=True)
+            self._replacing[replica_id] = thread
+        thread.start()
+
+    def _start_replacement(self, replica_id: str) -> None:
+        import ray
+
+        try:
+            index = next(self._slots)
+            actor = self._spawn(replica_id, index)
+            placement.wait_ready([actor.health.remote()], f"replacement for {replica_id}",
+                                 self.config.inference.request_timeout_s, self._asked())
+            with self._adapters_lock:  # every version loaded before it gets traffic
+                for name, path in self.adapters.items():
+                    ray.get(actor.load_adapter.remote(name, path))
+                with self._lock:
+                    if any("shut down" in f for f in self._failures):
+                        ray.kill(actor)
+                        return
+                    self.replicas[replica_id] = actor
+                    self.router.add(replica_id)
+            logger.info("%s replaced (actor %s/replica-%d) with %d adapter version(s)", replica_id,
+                        self.run_name, index, len(self.adapters))
+        except Exception as exc:
+            logger.exception("could not replace %s", replica_id)
+            with self._lock:
+                self._failures.append(f"replacing {replica_id} failed: {type(exc).__name__}: {exc}")
+        finally:
+            with self._lock:
+                self._replacing.pop(replica_id, None)
+                self._changed.notify_all()
+
+
+class ReplicaDied(Exception):
+    """The replica's actor is gone; the request may go to another replica."""
+
+    def __init__(self, cause: BaseException):
+        super().__init__(repr(cause))
+        self.cause = cause
 
 
 def prefix_key(request: GenerationRequest) -> str | None:

@@ -25,6 +25,8 @@ class Router:
     def pick(self, prefix_key: str | None = None) -> str:
         """Choose a replica and count the request as outstanding on it."""
         with self._lock:
+            if not self.outstanding:
+                raise LookupError("no replica to route to (all were removed)")
             least = min(self.outstanding, key=lambda rid: (self.outstanding[rid], rid))
             chosen = least
             home = self._home.get(prefix_key) if prefix_key else None
@@ -52,8 +54,6 @@ class Router:
             self.outstanding.pop(replica_id, None)
             for key in [k for k, rid in self._home.items() if rid == replica_id]:
                 del self._home[key]
-            if not self.outstanding:
-                raise RuntimeError("the last replica was removed from the router")
 
     def load(self) -> dict[str, int]:
         with self._lock:

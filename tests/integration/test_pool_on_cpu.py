@@ -1,5 +1,6 @@
 """The inference pool on a real local Ray cluster: two replicas, many callers, adapters on every replica."""
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -38,3 +39,55 @@ def test_unknown_version_is_refused_before_any_replica_sees_it(session):
     request = GenerationRequest(({"role": "user", "content": "hi"},), adapter="pooltest-v9")
     with pytest.raises(AdapterError, match="pooltest-v9"):
         session.pool.generate(request)
+
+
+def random_lora(model_dir, path) -> str:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "k_proj"], init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(path)
+    return str(path)
+
+
+def test_a_killed_replica_loses_no_request_and_is_replaced_with_every_adapter(session, model_dir, tmp_path):
+    """Last in this module: it kills replica-0 of the shared session."""
+    import ray
+
+    pool = session.pool
+    pool.load_adapter("pooltest-v1", random_lora(model_dir, tmp_path / "lora"))
+    greedy = SamplingParams(temperature=0.0, max_tokens=8)
+    requests = [GenerationRequest(({"role": "user", "content": f"Count from {i} to {i + 5}."},), greedy,
+                                  adapter="pooltest-v1" if i % 2 else None, request_id=f"k{i}") for i in range(40)]
+    before, victim = pool.usage_snapshot(), pool.replicas["replica-0"]
+    answered = []
+
+    def call(request):
+        result = pool.generate(request)
+        answered.append(request.request_id)
+        if len(answered) == 6:  # the others are queued or decoding on both replicas
+            ray.kill(victim, no_restart=True)
+        return result
+
+    with ThreadPoolExecutor(8) as threads:
+        results = list(threads.map(call, requests))
+    assert [r.request_id for r in results] == [r.request_id for r in requests]
+    assert [r.adapter for r in results] == [r.adapter for r in requests]
+    assert pool.usage_snapshot().since(before).requests == 40  # each answered request counted once
+    assert [entry["replica"] for entry in pool.restarts] == ["replica-0"]
+
+    for _ in range(240):  # the replacement joins once it has loaded every adapter version
+        if len(pool.replicas) == 2:
+            break
+        time.sleep(0.5)
+    assert pool.replicas["replica-0"] is not victim
+    health = {h["replica"]: h for h in pool.health()}
+    assert health["replica-0"]["adapters"] == ["pooltest-v1"]
+    # Same greedy answers as before the kill, whichever replica serves them now.
+    with ThreadPoolExecutor(8) as threads:
+        again = list(threads.map(pool.generate, requests))
+    assert [r.text for r in again] == [r.text for r in results]
+    assert {h["replica"]: h["requests"] > 0 for h in pool.health()} == {"replica-0": True, "replica-1": True}

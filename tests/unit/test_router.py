@@ -1,4 +1,5 @@
 import threading
+import pytest
 
 from bt_ray.inference.router import Router
 
@@ -41,3 +42,12 @@ def test_done_is_balanced_under_threads():
     [t.start() for t in threads]
     [t.join() for t in threads]
     assert r.load() == {"a": 0, "b": 0, "c": 0, "d": 0}
+
+
+def test_an_empty_router_refuses_to_pick_and_takes_replicas_back():
+    r = Router(["a"])
+    r.remove("a")
+    with pytest.raises(LookupError, match="no replica"):
+        r.pick("p")
+    r.add("a")
+    assert r.pick("p") == "a"
