@@ -64,7 +64,7 @@ class Plan:
 @dataclass
 class PromptResult:
     program: Any
-    candidates: list[dict]  # {"seed", "kind", "score", "demos"} in seed order
+    candidates: list[dict]  # {"seed", "kind", "score", "n", "demos"} in seed order
     best_seed: int
     bootstrap_calls: int
     train_size: int
@@ -96,7 +96,7 @@ def optimize_prompts(program: Any, trainset: list, metric: Callable, *, lm: Any,
         scores = [o.score for o in outcomes if o.job.tag == s]
         demos = sum(len(p.demos) for p in candidates[s].predictors())
         table.append({"seed": s, "kind": KIND.get(s, "bootstrap, random"), "demos": demos,
-                      "score": round(100.0 * sum(scores) / len(scores), 2)})
+                      "score": round(100.0 * sum(scores) / len(scores), 2), "n": len(scores)})
         logger.info("Π candidate seed %d (%s, %d demos): %.1f", s, table[-1]["kind"], demos, table[-1]["score"])
     best = max(table, key=lambda row: row["score"])  # max keeps the first (earlier seed) on ties
     return PromptResult(candidates[best["seed"]], table, best["seed"], calls, len(train), len(val))
