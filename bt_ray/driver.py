@@ -50,7 +50,21 @@ def preflight(config: RunConfig, task: Task) -> Splits:
                         f"{len(splits.train)} examples; lower them (the paper uses 15 + 35 for Iris)")
     if problems:
         raise ConfigError(problems)
+    _try_metric(task, splits)
     return splits
+
+
+def _try_metric(task: Task, splits: Splits) -> None:
+    """Score one gold answer against itself: a metric that raises here will likely raise on the model's too."""
+    import dspy
+
+    example = splits.train[0]
+    try:
+        task.metric(example, dspy.Prediction(**example.labels()), None)
+    except Exception as exc:
+        logger.warning("task %r: its metric raised on a gold answer scored against itself (%s: %s); if it "
+                       "raises on every prediction the run stops with MetricError", task.name,
+                       type(exc).__name__, exc)
 
 
 class Driver:

@@ -27,3 +27,7 @@ class TrainingError(BtRayError):
 
 class AdapterError(BtRayError):
     """An adapter could not be loaded, or would not fit the engine."""
+
+
+class MetricError(BtRayError):
+    """The task's metric raised on every example it was given: a bug in the metric, not the model."""

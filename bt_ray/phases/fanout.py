@@ -5,7 +5,8 @@ This is how every phase talks to the pool: all jobs are in flight together
 so the replicas see many concurrent requests and batch them. A program or metric
 that raises on an example is recorded on that example (counted, reported);
 a failure of the inference pool itself (EngineError, AdapterError) stops the
-fan-out and is raised, naming the replica and the request.
+fan-out and is raised, naming the replica and the request. A metric that raises
+on every prediction it is given is a bug, not a score of 0: MetricError.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any, Callable
 import dspy
 import tqdm
 
-from bt_ray.errors import BtRayError
+from bt_ray.errors import BtRayError, MetricError
 
 logger = logging.getLogger(__name__)
 
@@ -70,11 +71,21 @@ def run_jobs(jobs: list[Job], metric: Callable | None, *, adapter: Any, max_infl
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
+    _check_metric(outcomes, desc)  # type: ignore[arg-type]
     failed = [o.error for o in outcomes if o is not None and not o.ok]
     if failed:
         first = failed[0].splitlines()[0][:160]
         logger.info("%s: %d of %d examples raised and score 0 (first: %s)", desc, len(failed), len(jobs), first)
     return outcomes  # type: ignore[return-value]
+
+
+def _check_metric(outcomes: list[Outcome], desc: str) -> None:
+    scored = [o for o in outcomes if o.prediction is not None]
+    raised = [o.error for o in scored if o.error and o.error.startswith("metric:")]
+    if scored and len(raised) == len(scored):
+        raise MetricError(f"{desc}: the task's metric raised on all {len(scored)} predictions it was given, e.g. "
+                          f"{raised[0].removeprefix('metric: ')}. Fix the metric: bt-ray calls it as "
+                          f"metric(example, prediction, trace) with a dspy.Example and a dspy.Prediction.")
 
 
 def _run_one(job: Job, metric: Callable | None, adapter: Any) -> Outcome:

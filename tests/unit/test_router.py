@@ -1,4 +1,5 @@
 import threading
+
 import pytest
 
 from bt_ray.inference.router import Router
