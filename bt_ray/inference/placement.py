@@ -41,8 +41,11 @@ def connect(address: str | None = None) -> bool:
         ray.init(address=address, log_to_driver=True)
         logger.info("joined the Ray cluster at %s", address)
         return False
-    ray.init(include_dashboard=False, log_to_driver=True)
-    logger.info("started a local Ray cluster (%g CPUs, %g GPUs)", *cluster_totals().values())
+    # The dashboard serves Ray's state API (Ray Train's placement-group cleaner polls it, and warns
+    # every few seconds without it); loopback only.
+    context = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+    logger.info("started a local Ray cluster (%g CPUs, %g GPUs); dashboard http://%s", *cluster_totals().values(),
+                context.dashboard_url)
     return True
 
 
