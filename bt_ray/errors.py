@@ -27,3 +27,11 @@ class TrainingError(BtRayError):
 
 class AdapterError(BtRayError):
     """An adapter could not be loaded, or would not fit the engine."""
+
+
+class RetrievalError(BtRayError):
+    """The retriever (a ColBERTv2 endpoint) failed; every example would score 0, so the run stops."""
+
+
+class DataError(BtRayError):
+    """A downloaded data file is missing, incomplete or not in the expected format."""
