@@ -47,7 +47,7 @@ def preflight(config: RunConfig, task: Task) -> Splits:
         logger.warning("data: OFFLINE stand-in, not the paper's data: %s", splits.source)
     steps = parse_strategy(config.strategy)
     need = config.prompt.train_size + config.prompt.val_size
-    if "p" in steps and len(splits.train) < need and splits.offline:
+    if "p" in steps and len(splits.train) < need and splits.offline and len(splits.train) >= 2:
         _fit_prompt_sizes(config, len(splits.train))
     elif "p" in steps and len(splits.train) < need:
         problems.append(f"prompt.train_size + prompt.val_size = {need} but the {task.name} train split has "
