@@ -3,6 +3,7 @@
     bt-ray run CONFIG [dotted.key=value ...] [--resume]
     bt-ray config [CONFIG] [dotted.key=value ...]     print the resolved config
     bt-ray config --reference                         every key, its default and meaning
+    bt-ray data download gsm8k|hotpotqa|wiki-abstracts [--to DIR]   fetch and verify the official files
 
 Exit codes: 0 ok, 1 the run failed, 2 bad configuration or input.
 """
@@ -15,7 +16,7 @@ import sys
 
 import yaml
 
-from bt_ray.config import describe, load_config, to_dict
+from bt_ray.config import TaskConfig, describe, load_config, to_dict
 from bt_ray.errors import BtRayError, ConfigError
 
 logger = logging.getLogger("bt_ray")
@@ -34,6 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     show.add_argument("overrides", nargs="*")
     show.add_argument("--reference", action="store_true", help="list every key with its default and meaning")
     show.add_argument("--markdown", action="store_true", help="with --reference: as a markdown table")
+    data = sub.add_parser("data", help="download the official GSM8K / HotPotQA / wiki abstracts files")
+    data_sub = data.add_subparsers(dest="action", required=True)
+    fetch = data_sub.add_parser("download", help="fetch, verify row counts, store where the tasks find them")
+    fetch.add_argument("dataset", choices=["gsm8k", "hotpotqa", "wiki-abstracts"])
+    fetch.add_argument("--to", default=TaskConfig().data_dir, help="data directory (task.data_dir), default "
+                       "%(default)s")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
@@ -45,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "config":
             return _config(args)
+        if args.command == "data":
+            return _data(args)
         return _run(args)
     except ConfigError as exc:
         print(f"bt-ray: {exc}", file=sys.stderr)
@@ -64,6 +73,18 @@ def _run(args: argparse.Namespace) -> int:
     print()
     print(markdown(results))
     print(f"results: {config.run_dir}/results.json, results.md, scores.png")
+    return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    from bt_ray.tasks.sources import DATASETS, download
+
+    paths = download(args.dataset, args.to)
+    print(f"{args.dataset} ({DATASETS[args.dataset].licence}) verified in {paths[0].parent}:")
+    for path in paths:
+        print(f"  {path}")
+    if args.to != TaskConfig().data_dir:
+        print(f"use it with task.data_dir={args.to}")
     return 0
 
 

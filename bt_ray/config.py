@@ -36,10 +36,24 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = opt("iris", "built-in task: iris")
+    name: str = opt("iris", "built-in task: iris, gsm8k, hotpotqa; or a label for your own (task.program)")
+    program: str | None = opt(None, "your own program by import path, pkg.module:build_program "
+                              "(with task.data and task.metric)")
+    data: str | None = opt(None, "your splits: pkg.module:load_splits, called as load_splits(task_config, seed)")
+    metric: str | None = opt(None, "your metric: pkg.module:metric, called as metric(example, prediction, trace)")
+    source: Literal["auto", "real", "offline"] = opt(
+        "auto", "auto: the real data if downloaded to task.data_dir, else the shipped offline stand-in (the run "
+        "says which); real: fail if not downloaded; offline: always the stand-in")
+    data_dir: str = opt("~/.cache/bt-ray/data", "where `bt-ray data download` puts GSM8K, HotPotQA and the "
+                        "wiki abstracts")
     train_size: int | None = opt(None, "examples in the train split (None = the task's paper size)")
     dev_size: int | None = opt(None, "examples in the dev split, used to score every step")
     test_size: int | None = opt(None, "examples in the test split, used once on the returned program")
+    retriever: Literal["bm25", "colbertv2"] = opt(
+        "bm25", "HotPotQA search: bm25 (local index over task.corpus) or colbertv2 (task.retriever_url)")
+    corpus: str | None = opt(None, "passages file for bm25 (None: the downloaded wiki abstracts for real "
+                             "data, the shipped Wikipedia lead paragraphs offline)")
+    retriever_url: str | None = opt(None, "ColBERTv2 endpoint in the wiki17 abstracts server format")
 
 
 @dataclass
@@ -260,8 +274,7 @@ def validate(config: RunConfig) -> list[str]:
         parse_strategy(config.strategy)
     except StrategyError as exc:
         problems.append(f"strategy: {exc}")
-    if config.task.name not in TASKS:
-        problems.append(f"task.name: unknown task {config.task.name!r}; built-in tasks: {', '.join(TASKS)}")
+    problems.extend(_task_problems(config.task, TASKS))
     for name in ("train_size", "dev_size", "test_size"):
         value = getattr(config.task, name)
         if value is not None and value < 1:
@@ -296,6 +309,30 @@ def validate(config: RunConfig) -> list[str]:
         problems.append("train.target_modules: name at least one module, e.g. [q_proj, k_proj]")
     if config.name is not None and ("/" in config.name or not config.name.strip()):
         problems.append(f"name: {config.name!r} must be a plain, non-empty directory name")
+    return problems
+
+
+def _task_problems(task: TaskConfig, known: dict) -> list[str]:
+    from bt_ray.tasks import load_callable
+
+    own = {key: getattr(task, key) for key in ("program", "data", "metric")}
+    if not any(own.values()):
+        if task.name not in known:
+            return [f"task.name: unknown task {task.name!r}; built-in tasks: {', '.join(known)}; for your own "
+                    f"program set task.program, task.data and task.metric (pkg.module:function)"]
+        problems = []
+    else:
+        problems = [f"task.{key}: missing; your own task needs task.program, task.data and task.metric"
+                    for key, value in own.items() if not value]
+        for key, value in own.items():
+            if value:
+                try:
+                    load_callable(value)
+                except ValueError as exc:
+                    problems.append(f"task.{key}: {exc}")
+    if task.retriever == "colbertv2" and not task.retriever_url:
+        problems.append("task.retriever_url: task.retriever=colbertv2 needs the endpoint's URL, e.g. "
+                        "task.retriever_url=http://host:port/wiki17_abstracts")
     return problems
 
 

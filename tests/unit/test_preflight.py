@@ -49,3 +49,22 @@ def test_cli_exit_code_2_and_all_problems_on_stderr(tmp_path):
     assert result.returncode == 2
     assert "strategy: step 2" in result.stderr and "train.epoch: unknown key" in result.stderr
     assert not (tmp_path / "iris-invalid-s0").exists()  # nothing was started
+
+
+def test_offline_data_shrinks_prompt_subsamples_and_says_so(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="bt_ray.driver"):
+        driver = Driver(load_config("configs/hotpotqa.yaml", ["task.source=offline", f"output_dir={tmp_path}"]))
+    assert driver.splits.offline and len(driver.splits.train) == 18
+    prompt = driver.config.prompt
+    assert (prompt.train_size, prompt.val_size) == (5, 13)  # the paper's 100 : 250, within 18
+    assert "data: OFFLINE stand-in" in caplog.text and "Π uses 5 + 13" in caplog.text
+    # real data is never shrunk silently
+    with pytest.raises(ConfigError, match="prompt.train_size \\+ prompt.val_size = 350"):
+        Driver(load_config("configs/iris.yaml", ["prompt.train_size=100", "prompt.val_size=250",
+                                                  f"output_dir={tmp_path}"]))
+
+
+def test_real_data_missing_is_a_config_error_naming_the_download(tmp_path):
+    with pytest.raises(ConfigError, match=f"bt-ray data download gsm8k --to {tmp_path}"):
+        Driver(load_config("configs/gsm8k.yaml", ["task.source=real", f"task.data_dir={tmp_path}",
+                                                   f"output_dir={tmp_path}"]))

@@ -1,0 +1,57 @@
+"""A user's own task by import path (task.program / task.data / task.metric), checked before any work."""
+
+import pytest
+
+from bt_ray.config import load_config
+from bt_ray.driver import Driver
+from bt_ray.errors import ConfigError
+from bt_ray.tasks import load_callable, task_for
+
+from .fakes import FakeSession
+from .test_driver import fake_trainer  # noqa: F401  (fixture)
+
+
+def test_example_task_resolves_and_loads():
+    config = load_config("examples/addition.yaml")
+    task = task_for(config.task)
+    assert task.name == "addition"
+    splits = task.load_splits(config.task, config.seed)
+    assert splits.sizes() == {"train": 60, "dev": 30, "test": 30}
+    program = task.program(config.task)
+    assert [name for name, _ in program.named_predictors()] == ["solve.predict"]
+    example = splits.dev[0]
+    assert task.metric(example, type("P", (), {"answer": example.answer})())
+
+
+def test_example_runs_p_w_p_through_the_driver(tmp_path, fake_trainer):  # noqa: F811
+    """The whole loop on a fake model and a fake trainer (labelled): the user task is used as given."""
+    def solve(request):
+        question = request.messages[-1]["content"].split("What is ")[-1].split("?")[0]
+        a, b = (int(x) for x in question.split(" + "))
+        return f"[[ ## reasoning ## ]]\nadd\n\n[[ ## answer ## ]]\n{a + b}\n\n"
+
+    config = load_config("examples/addition.yaml", [f"output_dir={tmp_path}", "name=u"])
+    results = Driver(config).run(session=FakeSession(solve))
+    assert [s["strategy"] for s in results["steps"]] == ["vanilla", "Π", "Π→Θ", "Π→Θ→Π"]
+    assert results["task"] == "addition" and results["test"]["score"] == 100.0
+    assert fake_trainer == ["u-v1"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["task.program=examples.addition:build_program"], "task.data: missing"),
+    (["task.program=examples.addition:build_program", "task.data=examples.addition:load_splits",
+      "task.metric=examples.no_such_module:metric"], "task.metric: cannot import 'examples.no_such_module'"),
+    (["task.program=examples.addition:nothing", "task.data=examples.addition:load_splits",
+      "task.metric=examples.addition:metric"], "task.program: module 'examples.addition' has no 'nothing'"),
+    (["task.program=examples.addition", "task.data=examples.addition:load_splits",
+      "task.metric=examples.addition:metric"], "task.program: 'examples.addition' is not an import path"),
+    (["task.name=mine"], "task.name: unknown task 'mine'.*set task.program, task.data and task.metric"),
+])
+def test_bad_import_paths_are_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_not_callable():
+    with pytest.raises(ValueError, match="is a module, not a function"):
+        load_callable("examples.addition:random")
