@@ -56,10 +56,29 @@ class TaskConfig:
     retriever_url: str | None = opt(None, "ColBERTv2 endpoint in the wiki17 abstracts server format")
 
 
+# vLLM accepts only these LoRA ranks (vllm.config.lora.MaxLoRARanks in 0.26).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+@dataclass
+class VLLMConfig:
+    max_lora_rank: int = opt(32, "largest LoRA rank a replica can serve (one of 1, 8, 16, 32, 64, 128, 256, 320, 512); "
+                             ">= train.lora_rank")
+    max_loras: int = opt(2, "adapter versions one batch can mix (the current one plus the one before)")
+    tensor_parallel_size: int = opt(1, "GPUs per replica; more only for a model that does not fit one GPU")
+    gpu_memory_utilization: float = opt(0.85, "share of each GPU's memory a replica may take (weights + KV cache)")
+    max_model_len: int | None = opt(None, "longest prompt + answer in tokens (None = the model's own limit)")
+    sleep_level: int = opt(1, "placement timeshare: 1 = weights to CPU memory during Θ, 2 = dropped and reloaded; "
+                           "0 = sleep mode off")
+    load_format: Literal["auto", "safetensors", "dummy"] = opt(
+        "auto", "how weights load; dummy = random weights of the right shapes (benchmarks only)")
+    enforce_eager: bool = opt(False, "no CUDA graphs: faster start, slower decoding")
+
+
 @dataclass
 class InferenceConfig:
-    engine: Literal["transformers", "fake"] = opt(
-        "transformers", "replica engine: transformers (CPU) | fake (canned answers, tests only)")
+    engine: Literal["transformers", "vllm", "fake"] = opt(
+        "transformers", "replica engine: transformers (CPU) | vllm (GPU) | fake (canned answers, tests only)")
     replicas: int = opt(1, "number of inference replica actors")
     cpus_per_replica: float = opt(1.0, "Ray CPUs reserved per replica")
     gpus_per_replica: float = opt(0.0, "Ray GPUs reserved per replica")
@@ -77,6 +96,7 @@ class InferenceConfig:
     request_timeout_s: float = opt(600.0, "a request not answered in this time fails with the replica named")
     request_retries: int = opt(2, "times a request whose replica died is resent to a live replica")
     replica_restarts: int = opt(3, "dead replicas the pool replaces in one run before it gives up")
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
 @dataclass
@@ -108,6 +128,16 @@ class TrainConfig:
     metric_threshold: float = opt(1.0, "a trace is kept for training when metric >= this")
     include_demos: bool = opt(False, "keep the predictor's demos in the training prompt")
     max_failures: int = opt(0, "Ray Train retries after a worker failure")
+    distributed: Literal["ddp", "zero2", "zero3"] = opt(
+        "ddp", "data parallelism on GPUs: ddp, or DeepSpeed ZeRO stage 2 / 3 (shards optimizer state / also weights)")
+
+
+@dataclass
+class PlacementConfig:
+    mode: Literal["cpu", "split", "timeshare"] = opt(
+        "cpu", "cpu: no GPUs | split: replicas and training on separate GPUs | timeshare: replicas sleep during Θ "
+        "and training uses their GPUs")
+    timeout_s: float = opt(300.0, "how long to wait for the cluster to place replicas before failing")
 
 
 @dataclass
@@ -124,6 +154,7 @@ class RunConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
 
     @property
     def run_name(self) -> str:
@@ -309,6 +340,64 @@ def validate(config: RunConfig) -> list[str]:
         problems.append("train.target_modules: name at least one module, e.g. [q_proj, k_proj]")
     if config.name is not None and ("/" in config.name or not config.name.strip()):
         problems.append(f"name: {config.name!r} must be a plain, non-empty directory name")
+    problems.extend(_validate_vllm(config))
+    problems.extend(_validate_placement(config))
+    return problems
+
+
+def _validate_vllm(config: RunConfig) -> list[str]:
+    inf, v = config.inference, config.inference.vllm
+    problems = []
+    if v.max_lora_rank not in VLLM_LORA_RANKS:
+        larger = [r for r in VLLM_LORA_RANKS if r >= v.max_lora_rank]
+        problems.append(f"inference.vllm.max_lora_rank: vLLM serves only ranks {', '.join(map(str, VLLM_LORA_RANKS))}; "
+                        f"got {v.max_lora_rank}, set it to {larger[0] if larger else 512}")
+    _positive(problems, "inference.vllm", v, ["max_loras", "tensor_parallel_size"])
+    if not 0 < v.gpu_memory_utilization <= 1:
+        problems.append(f"inference.vllm.gpu_memory_utilization: must be in (0, 1], got {v.gpu_memory_utilization}")
+    if v.max_model_len is not None and v.max_model_len < 1:
+        problems.append(f"inference.vllm.max_model_len: must be >= 1 or null, got {v.max_model_len}")
+    if v.sleep_level not in (0, 1, 2):
+        problems.append(f"inference.vllm.sleep_level: must be 0 (off), 1 or 2, got {v.sleep_level}")
+    if inf.engine != "vllm":
+        return problems
+    if config.train.lora_rank > v.max_lora_rank:
+        problems.append(f"inference.vllm.max_lora_rank: {v.max_lora_rank} is below train.lora_rank="
+                        f"{config.train.lora_rank}, so replicas could not load the adapters Θ trains; raise it to "
+                        f"{next((r for r in VLLM_LORA_RANKS if r >= config.train.lora_rank), 512)}")
+    if inf.gpus_per_replica != v.tensor_parallel_size:
+        problems.append(f"inference.gpus_per_replica: the vllm engine runs each replica on "
+                        f"inference.vllm.tensor_parallel_size={v.tensor_parallel_size} GPU(s); set "
+                        f"inference.gpus_per_replica={v.tensor_parallel_size}")
+    return problems
+
+
+def _validate_placement(config: RunConfig) -> list[str]:
+    mode, inf, tr = config.placement.mode, config.inference, config.train
+    problems = []
+    if config.placement.timeout_s <= 0:
+        problems.append(f"placement.timeout_s: must be > 0, got {config.placement.timeout_s}")
+    if tr.distributed != "ddp" and not tr.use_gpu:
+        problems.append(f"train.distributed: {tr.distributed} (DeepSpeed) needs GPUs; set train.use_gpu=true or "
+                        "train.distributed=ddp")
+    if mode == "cpu":
+        if inf.gpus_per_replica or tr.use_gpu or inf.engine == "vllm":
+            problems.append("placement.mode: 'cpu' uses no GPUs; set placement.mode=split or timeshare for "
+                            "inference.gpus_per_replica > 0, train.use_gpu=true or inference.engine=vllm")
+        return problems
+    if not tr.use_gpu:
+        problems.append(f"train.use_gpu: placement.mode={mode} trains on GPUs; set train.use_gpu=true "
+                        "(or placement.mode=cpu)")
+    if mode == "split" and inf.gpus_per_replica < 1:
+        problems.append("inference.gpus_per_replica: placement.mode=split gives each replica its own GPU(s); "
+                        "set inference.gpus_per_replica >= 1")
+    if mode == "timeshare":
+        if inf.gpus_per_replica != 1:
+            problems.append(f"inference.gpus_per_replica: placement.mode=timeshare shares each GPU between one "
+                            f"replica and one trainer; set inference.gpus_per_replica=1 (got {inf.gpus_per_replica:g}) "
+                            f"or use placement.mode=split")
+        if inf.engine == "vllm" and inf.vllm.sleep_level == 0:
+            problems.append("inference.vllm.sleep_level: placement.mode=timeshare needs vLLM's sleep mode; set 1 or 2")
     return problems
 
 

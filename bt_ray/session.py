@@ -10,8 +10,9 @@ The CLI's driver and scripts use the same object.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import dspy
 
@@ -56,6 +57,22 @@ class Session:
         inf = self.config.inference
         return pool_lm(self.pool, self.model_tag, version, temperature=inf.temperature, max_tokens=inf.max_tokens,
                        top_p=inf.top_p, seed=self.config.seed)
+
+    @property
+    def train_gpus_per_worker(self) -> float:
+        return placement.train_gpus_per_worker(self.config)
+
+    @contextmanager
+    def training(self) -> Iterator[None]:
+        """Around Θ's fit: in placement timeshare the replicas sleep, so training gets their GPUs."""
+        timeshare = self.config.placement.mode == "timeshare"
+        if timeshare:
+            self.pool.sleep()
+        try:
+            yield
+        finally:
+            if timeshare:
+                self.pool.wake()
 
     def close(self) -> None:
         if self.pool is not None:

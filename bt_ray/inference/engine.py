@@ -62,6 +62,7 @@ class Engine(Protocol):
 ENGINES = {
     "fake": "bt_ray.inference.fake:FakeEngine",
     "transformers": "bt_ray.inference.transformers_engine:TransformersEngine",
+    "vllm": "bt_ray.inference.vllm_compat:VLLMEngine",
 }
 
 

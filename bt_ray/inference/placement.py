@@ -1,7 +1,12 @@
-"""Ray connection, resource checks and actor options: the one home of `.options(...)`.
+"""Ray connection, resource checks, placement groups and actor options: the one home of `.options(...)`.
 
-Environment variables for bt-ray's actors are set here (runtime_env) and
-nowhere else.
+placement.mode decides where replicas and training go (DESIGN.md section 2):
+  cpu        replicas and training workers on CPUs
+  split      each replica on its own GPU(s), training workers on other GPUs
+  timeshare  each GPU holds one replica and one training worker; replicas sleep during Θ
+Replicas are reserved as one placement group that must be placed within placement.timeout_s,
+or the run fails naming what was asked and what the cluster has. Environment variables for
+bt-ray's actors are set here (runtime_env) and nowhere else.
 """
 
 from __future__ import annotations
@@ -22,6 +27,10 @@ ACTOR_ENV = {
     "LITELLM_LOCAL_MODEL_COST_MAP": "True",
     "RAY_USAGE_STATS_ENABLED": "0",
     "TOKENIZERS_PARALLELISM": "false",
+    # vLLM (GPU replicas): FlashInfer's sampler is not in the offline wheel set; no usage reports.
+    "VLLM_USE_FLASHINFER_SAMPLER": "0",
+    "VLLM_NO_USAGE_STATS": "1",
+    "VLLM_DO_NOT_TRACK": "1",
 }
 
 
@@ -56,11 +65,21 @@ def cluster_totals() -> dict[str, float]:
     return {"CPU": float(resources.get("CPU", 0)), "GPU": float(resources.get("GPU", 0))}
 
 
+# placement.mode=timeshare: each GPU holds one replica and, during Θ, one training worker. Ray
+# counts GPUs logically, so the two split each GPU: no two replicas fit on one GPU (0.6 + 0.6 > 1),
+# and a trainer (0.4) fits only beside one replica. The replica sleeps while the trainer runs.
+TIMESHARE_REPLICA_GPU = 0.6
+TIMESHARE_TRAIN_GPU = 0.4
+
+
 def check_resources(config: RunConfig, totals: dict[str, float]) -> None:
-    """Refuse a config that cannot fit the cluster, naming the keys to change. Replicas stay up during training."""
-    inf, tr = config.inference, config.train
+    """Refuse a config that cannot fit the cluster, naming the keys to change.
+
+    cpu and split: replicas stay up during training, so both need their own resources.
+    timeshare: training runs on the replicas' GPUs, one worker per replica at most.
+    """
+    inf, tr, mode = config.inference, config.train, config.placement.mode
     need_cpu = inf.replicas * inf.cpus_per_replica + tr.num_workers * tr.cpus_per_worker
-    need_gpu = inf.replicas * inf.gpus_per_replica + (tr.num_workers if tr.use_gpu else 0)
     problems = []
     if need_cpu > totals["CPU"]:
         problems.append(
@@ -68,38 +87,108 @@ def check_resources(config: RunConfig, totals: dict[str, float]) -> None:
             f"{inf.replicas} x {inf.cpus_per_replica:g} + {tr.num_workers} x {tr.cpus_per_worker:g} = {need_cpu:g} "
             f"CPUs, but the Ray cluster has {totals['CPU']:g}; lower those keys (fractions like 0.5 are allowed) "
             f"or add nodes")
+    if mode == "timeshare":
+        need_gpu = inf.replicas
+        if tr.num_workers > inf.replicas:
+            problems.append(f"train.num_workers: placement.mode=timeshare trains on the replicas' GPUs, so at most "
+                            f"inference.replicas={inf.replicas} workers; lower train.num_workers or use split")
+    else:
+        need_gpu = inf.replicas * inf.gpus_per_replica + (tr.num_workers if tr.use_gpu else 0)
     if need_gpu > totals["GPU"]:
         problems.append(
-            f"inference.gpus_per_replica x replicas + train GPUs = {need_gpu:g} GPUs, but the Ray cluster has "
-            f"{totals['GPU']:g}; set inference.gpus_per_replica=0 and train.use_gpu=false on a CPU machine")
+            f"placement.mode={mode} needs {need_gpu:g} GPUs (inference.replicas={inf.replicas} x "
+            f"inference.gpus_per_replica={inf.gpus_per_replica:g}"
+            f"{'' if mode == 'timeshare' else f' + train.num_workers={tr.num_workers if tr.use_gpu else 0}'}), "
+            f"but the Ray cluster has {totals['GPU']:g}; lower those keys, use placement.mode=timeshare to share "
+            f"GPUs, or placement.mode=cpu with inference.gpus_per_replica=0 and train.use_gpu=false on a CPU machine")
     if problems:
         raise ConfigError(problems)
 
 
-def replica_options(config: RunConfig, run_name: str, index: int) -> dict[str, Any]:
+def replica_bundles(config: RunConfig) -> list[dict[str, float]]:
+    """One placement-group bundle per replica: its CPUs and its GPU(s) (a GPU share in timeshare)."""
     inf = config.inference
-    return {
+    gpus = TIMESHARE_REPLICA_GPU if config.placement.mode == "timeshare" else inf.gpus_per_replica
+    bundle = {k: float(v) for k, v in {"CPU": inf.cpus_per_replica, "GPU": gpus}.items() if v > 0}
+    if not bundle:
+        raise ConfigError("inference.cpus_per_replica: a replica must reserve some resource; set it > 0 "
+                          "(e.g. 0.5)")
+    return [dict(bundle) for _ in range(inf.replicas)]
+
+
+def train_gpus_per_worker(config: RunConfig) -> float:
+    """GPUs each Ray Train worker asks for: a whole one, the timeshare share, or none on CPUs."""
+    if not config.train.use_gpu:
+        return 0.0
+    return TIMESHARE_TRAIN_GPU if config.placement.mode == "timeshare" else 1.0
+
+
+def reserve(bundles: list[dict[str, float]], name: str, timeout_s: float, what: str) -> Any:
+    """A placement group for `bundles`, or ResourceError if the cluster cannot place it in `timeout_s`.
+
+    Ray would otherwise wait forever for a group that never fits.
+    """
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    group = placement_group(bundles, strategy="PACK", name=name)
+    if group.wait(timeout_seconds=timeout_s):
+        return group
+    remove_placement_group(group)
+    asked: dict[str, float] = {}
+    for bundle in bundles:
+        for key, value in bundle.items():
+            asked[key] = asked.get(key, 0.0) + value
+    raise ResourceError(
+        f"could not place {what} within placement.timeout_s={timeout_s:g}s: asked for {len(bundles)} x "
+        f"{{{_fmt(bundles[0])}}} = {_fmt(asked)}; the Ray cluster has {_fmt(_plain(ray.cluster_resources()))} in "
+        f"total and {_fmt({k: _plain(ray.available_resources()).get(k, 0.0) for k in asked})} free. Lower "
+        f"inference.replicas or the per-replica resources, free the cluster, or add nodes.")
+
+
+def release(group: Any) -> None:
+    from ray.util.placement_group import remove_placement_group
+
+    remove_placement_group(group)
+
+
+def replica_options(config: RunConfig, run_name: str, index: int, group: Any = None,
+                    bundle: int | None = None) -> dict[str, Any]:
+    """Actor options of replica slot `index`, placed in `bundle` (default: `index`) of `group`."""
+    inf = config.inference
+    options = {
         "name": f"{run_name}/replica-{index}",
         "num_cpus": inf.cpus_per_replica,
-        "num_gpus": inf.gpus_per_replica,
+        "num_gpus": TIMESHARE_REPLICA_GPU if config.placement.mode == "timeshare" else inf.gpus_per_replica,
         "max_restarts": 0,
         "runtime_env": {"env_vars": dict(ACTOR_ENV)},
     }
+    if group is not None:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+            group, placement_group_bundle_index=index if bundle is None else bundle)
+    return options
 
 
-def wait_ready(refs: list, what: str, timeout_s: float, asked: dict[str, float]) -> list:
-    """ray.get with a timeout that explains a pending placement instead of hanging."""
+def wait_ready(refs: list, what: str, timeout_s: float) -> list:
+    """ray.get with a timeout: actors already placed that do not finish starting fail instead of hanging."""
     import ray
 
     ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
     if pending:
-        available = ray.available_resources()
         raise ResourceError(
-            f"{len(pending)} of {len(refs)} {what} did not start within {timeout_s:.0f}s. Asked for "
-            f"{_fmt(asked)} each; the cluster has {_fmt(cluster_totals())} in total and "
-            f"{_fmt({k: available.get(k, 0) for k in asked})} free. Free resources or lower the request.")
+            f"{len(pending)} of {len(refs)} {what} were placed but did not finish starting within {timeout_s:.0f}s "
+            f"(model loading or engine start-up hung or is very slow); see their logs under "
+            f"/tmp/ray/session_latest/logs/")
     return ray.get(ready)
 
 
 def _fmt(resources: dict[str, float]) -> str:
     return ", ".join(f"{v:g} {k}" for k, v in resources.items())
+
+
+def _plain(resources: dict[str, float]) -> dict[str, float]:
+    """Ray's resources without its bookkeeping entries (node:<ip>, memory, placement-group shares)."""
+    return {k: float(v) for k, v in sorted(resources.items())
+            if not k.startswith("node:") and "_group_" not in k and k not in ("memory", "object_store_memory")}

@@ -83,17 +83,24 @@ class InferencePool:
         self._ids = itertools.count()
         self._slots = itertools.count(config.inference.replicas)  # actor names of replacements
         self.router: Router | None = None
+        self.group = None  # the replicas' placement group
+        self.asleep = False
 
     # ------------------------------------------------------------ lifecycle
 
-    def start(self, timeout_s: float = 300.0) -> None:
+    def start(self, timeout_s: float = 600.0) -> None:
+        """Place the replicas (placement.timeout_s), then wait up to `timeout_s` for their engines to load."""
         inf = self.config.inference
+        bundles = placement.replica_bundles(self.config)
+        self.group = placement.reserve(bundles, f"{self.run_name}/replicas", self.config.placement.timeout_s,
+                                       f"{inf.replicas} inference replica(s) (placement.mode="
+                                       f"{self.config.placement.mode})")
         actors = {f"replica-{i}": self._spawn(f"replica-{i}", i) for i in range(inf.replicas)}
-        health = placement.wait_ready([a.health.remote() for a in actors.values()],
-                                      "inference replicas", timeout_s, self._asked())
+        health = placement.wait_ready([a.health.remote() for a in actors.values()], "inference replicas", timeout_s)
         self.replicas.update(actors)
         self.router = Router(list(self.replicas))
-        logger.info("inference pool ready: %d replica(s), engine=%s", len(health), inf.engine)
+        logger.info("inference pool ready: %d replica(s), engine=%s, placement=%s", len(health), inf.engine,
+                    self.config.placement.mode)
 
     def shutdown(self) -> None:
         import ray
@@ -104,18 +111,40 @@ class InferencePool:
             self._changed.notify_all()
         for actor in actors:
             ray.kill(actor)
+        if self.group is not None:
+            placement.release(self.group)
+            self.group = None
 
     def _spawn(self, replica_id: str, index: int):
+        """The actor for `replica_id` (actor name slot `index`), in that replica's placement-group bundle."""
         import ray
 
         inf = self.config.inference
-        options = placement.replica_options(self.config, self.run_name, index)
+        bundle = int(replica_id.rsplit("-", 1)[1])  # replica-k keeps bundle k, also when replaced
+        options = placement.replica_options(self.config, self.run_name, index, self.group, bundle)
         return ray.remote(ReplicaActor).options(**options).remote(
             replica_id, inf.engine, self.model_dir, inf, self.config.model.dtype)
 
-    def _asked(self) -> dict[str, float]:
-        inf = self.config.inference
-        return {"CPU": inf.cpus_per_replica, "GPU": inf.gpus_per_replica}
+    def sleep(self) -> None:
+        """Every replica frees its GPU memory (placement timeshare, during Θ); requests fail until wake()."""
+        self._on_every_replica("sleep", lambda actor: actor.sleep.remote())
+        self.asleep = True
+
+    def wake(self) -> None:
+        self._on_every_replica("wake", lambda actor: actor.wake.remote())
+        self.asleep = False
+
+    def _on_every_replica(self, what: str, call) -> None:
+        import ray
+
+        with self._lock:
+            refs = {rid: call(actor) for rid, actor in self.replicas.items()}
+        for rid, ref in refs.items():
+            try:
+                ray.get(ref, timeout=self.config.inference.request_timeout_s)
+            except Exception as exc:
+                raise EngineError(f"{rid} failed to {what}: {type(exc).__name__}: {exc}") from exc
+        logger.info("%d replica(s): %s", len(refs), what)
 
     # ------------------------------------------------------------ calls
 
@@ -251,7 +280,7 @@ class InferencePool:
             index = next(self._slots)
             actor = self._spawn(replica_id, index)
             placement.wait_ready([actor.health.remote()], f"replacement for {replica_id}",
-                                 self.config.inference.request_timeout_s, self._asked())
+                                 self.config.inference.request_timeout_s)
             with self._adapters_lock:  # every version loaded before it gets traffic
                 for name, path in self.adapters.items():
                     ray.get(actor.load_adapter.remote(name, path))

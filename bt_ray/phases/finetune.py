@@ -84,8 +84,9 @@ def finetune(program: Any, trainset: list, metric: Callable, *, session: Any, ve
             f"examples, so there is nothing to fine-tune on; run 'p' first (e.g. 'p -> w') or lower "
             f"train.metric_threshold")
     init = session.pool.adapters[current_version] if current_version else None
-    result = train_lora(examples, config, str(session.model_dir), out_dir, name=version, seed=seed,
-                        init_adapter_dir=init)
+    with session.training():  # timeshare: replicas sleep while training uses their GPUs
+        result = train_lora(examples, config, str(session.model_dir), out_dir, name=version, seed=seed,
+                            init_adapter_dir=init, gpus_per_worker=session.train_gpus_per_worker)
     session.pool.load_adapter(version, str(result.adapter_dir))
     tuned = program.deepcopy()
     tuned.set_lm(session.lm(version))

@@ -3,12 +3,15 @@
     examples --tokenize--> TorchTrainer(num_workers) --fit--> checkpoint --copy+verify--> <out>/<name>/adapter
 
 Each worker runs the same recipe (torchtune's lifecycle: setup -> train -> save_checkpoint):
-base model + peft LoRA, DDP via `ray.train.torch.prepare_model` (gloo on CPU, NCCL on GPU),
+base model + peft LoRA, DDP via `ray.train.torch.prepare_model` (gloo on CPU, NCCL on GPU) or, with
+train.distributed=zero2/zero3, a DeepSpeed engine (deepspeed_config.py; GPUs only),
 rank-strided shards of a seeded shuffle (`data.plan_epoch`), AdamW, gradient accumulation so
 micro_batch_size x accumulation x num_workers == batch_size, and a loss that is the mean token
 cross-entropy over the assistant tokens of the whole effective batch. Every epoch ends with a
 checkpoint (adapter + optimizer + losses), so a retried run (`train.max_failures`) resumes from
-the last finished epoch instead of starting over.
+the last finished epoch instead of starting over (under DeepSpeed the optimizer state is not kept:
+a resumed epoch restarts AdamW's moments). The saved adapter is checked against its initial
+values (`verify_adapter`) before anyone loads it.
 """
 
 from __future__ import annotations
@@ -69,10 +72,13 @@ class TrainResult:
 
 
 def train_lora(examples: list[list[dict]], config: TrainConfig, base_model_dir: str, output_dir: str,
-               name: str, seed: int = 0, init_adapter_dir: str | None = None) -> TrainResult:
+               name: str, seed: int = 0, init_adapter_dir: str | None = None,
+               gpus_per_worker: float | None = None) -> TrainResult:
     """Fit a LoRA adapter on chat examples with Ray Train; Ray must already be initialised.
 
     `init_adapter_dir` continues training an earlier adapter (Θ after Θ) instead of starting a new one.
+    `gpus_per_worker` is each worker's GPU share when train.use_gpu (default 1; placement timeshare
+    gives less, see placement.train_gpus_per_worker).
 
     A run with the same `output_dir`/`name` and the same inputs resumes from its last epoch checkpoint.
     Raises TrainingError when there is nothing to train on, when fit() fails after
@@ -93,13 +99,14 @@ def train_lora(examples: list[list[dict]], config: TrainConfig, base_model_dir: 
                 config.lora_rank, len(data.examples), data.dropped, config.epochs,
                 steps_per_epoch(len(data.examples), config.batch_size), config.num_workers)
     start = time.perf_counter()
-    result = _fit(loop_config, config, output_dir, name)
+    gpus = (1.0 if gpus_per_worker is None else gpus_per_worker) if config.use_gpu else 0.0
+    result = _fit(loop_config, config, output_dir, name, gpus)
     wall_s = time.perf_counter() - start
     if result.checkpoint is None:
         raise TrainingError(f"LoRA run {name!r} finished without a checkpoint. {_LOGS_HINT}")
     adapter_dir = Path(output_dir).expanduser().resolve() / name / "adapter"
     state = _publish(result.checkpoint, adapter_dir)
-    verify_adapter(adapter_dir)
+    verify_adapter(adapter_dir, state.get("initial_digests"))
     losses = [float(x) for x in state["losses"]]
     logger.info("LoRA %s: %d steps in %.1fs, loss %.4f -> %.4f, adapter %s", name, len(losses), wall_s,
                 losses[0], losses[-1], adapter_dir)
@@ -139,14 +146,14 @@ def _loop_config(examples: list[TokenizedExample], config: TrainConfig, base_mod
     return loop
 
 
-def _fit(loop_config: dict, config: TrainConfig, output_dir: str, name: str):
+def _fit(loop_config: dict, config: TrainConfig, output_dir: str, name: str, gpus: float):
     from ray.exceptions import RayError
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
     from bt_ray.inference.placement import ACTOR_ENV
 
-    resources = {"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})}
+    resources = {"CPU": config.cpus_per_worker, **({"GPU": gpus} if config.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -190,12 +197,15 @@ def _publish(checkpoint: Any, adapter_dir: Path) -> dict:
     return state
 
 
-def verify_adapter(adapter_dir: str | Path) -> None:
-    """Refuse an adapter whose LoRA tensors are missing, empty, or whose B matrices are still zero.
+def verify_adapter(adapter_dir: str | Path, initial_digests: dict[str, str] | None = None) -> None:
+    """Refuse an adapter whose LoRA tensors are missing, empty, or not changed by training.
 
-    peft initialises every lora_B to zero, so an all-zero B means the adapter changes nothing:
-    training never updated it, or the weights were lost on save (known with peft + DeepSpeed
-    ZeRO-3, which can write empty or untouched adapter tensors).
+    peft initialises every lora_B to zero, so an all-zero B means the adapter changes nothing.
+    With `initial_digests` (tensor_digest of each tensor before training, by saved name), a B
+    equal to its initial value fails too (Θ after Θ starts from a non-zero B), and so does an
+    adapter in which no tensor changed at all. Both happen when training never updated the
+    adapter or the weights were lost on save (known with peft + DeepSpeed ZeRO-3, which can
+    write empty or untouched adapter tensors).
     """
     import torch
     from safetensors.torch import load_file
@@ -207,12 +217,26 @@ def verify_adapter(adapter_dir: str | Path) -> None:
     empty = [k for k, v in tensors.items() if v.numel() == 0]
     b_keys = [k for k in tensors if "lora_B" in k]
     zero_b = [k for k in b_keys if k not in empty and not torch.count_nonzero(tensors[k])]
-    if not b_keys or empty or zero_b:
+    unchanged = [k for k, v in tensors.items() if initial_digests and initial_digests.get(k) == tensor_digest(v)]
+    unchanged_b = [k for k in unchanged if "lora_B" in k and k not in zero_b]
+    missing = sorted(set(initial_digests or ()) - set(tensors))
+    if (not b_keys or empty or zero_b or unchanged_b or missing
+            or (initial_digests and len(unchanged) == len(tensors))):
+        example = (empty + zero_b + unchanged_b + missing + ["-"])[0]
         raise TrainingError(
             f"unusable adapter at {path}: {len(tensors)} LoRA tensors, {len(empty)} empty, "
-            f"{len(zero_b)} of {len(b_keys)} lora_B still all zero (e.g. {(empty + zero_b + ['-'])[0]}). "
-            f"The adapter would not change the model: training did not update it, or it was lost on save "
-            f"(a known peft + DeepSpeed ZeRO-3 failure). Check the loss went down and the learning rate.")
+            f"{len(zero_b)} of {len(b_keys)} lora_B still all zero, {len(unchanged)} equal to their initial "
+            f"values{f', {len(missing)} missing' if missing else ''} (e.g. {example}). The adapter would not change "
+            f"the model: training did not update it, or it was lost on save (a known peft + DeepSpeed ZeRO-3 "
+            f"failure). Check the loss went down and the learning rate.")
+
+
+def tensor_digest(tensor: Any) -> str:
+    """sha256 of a tensor's values rounded to bf16: the dtype it is saved in (fp32 or bf16) does not matter."""
+    import torch
+
+    data = tensor.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------- on each worker
@@ -239,6 +263,8 @@ class LoraRecipe:
         self.local_world = context.get_local_world_size()
         self.start_epoch, self.losses, self.train_s, self.starts = 0, [], 0.0, []  # starts: epoch of each attempt
         self.optimizer_state = None  # from a checkpoint, when resuming
+        self.initial_digests: dict[str, str] | None = None  # tensor_digest of the adapter before training
+        self.engine = None  # the DeepSpeed engine under train.distributed=zero2/zero3
         # a zero-weight micro-batch for a worker with no examples left in a short last batch
         self.filler = min(range(len(self.examples)), key=lambda i: len(self.examples[i].input_ids))
 
@@ -252,17 +278,32 @@ class LoraRecipe:
         torch.manual_seed(self.loop_config["seed"])  # same LoRA init on every rank and every run
         self.device = get_device()
         model = self._load_model()
+        self.initial_digests = initial_digests(model)  # the adapter training starts from (a resume keeps the first)
         self._restore(model, ray.train.get_checkpoint())
-        self.model = prepare_model(model)
         self.peft_model = model
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=self.cfg.learning_rate)
-        if self.optimizer_state is not None:
-            self.optimizer.load_state_dict(self.optimizer_state)
+        if self.cfg.distributed == "ddp":
+            self.model = prepare_model(model)
+            if self.optimizer_state is not None:
+                self.optimizer.load_state_dict(self.optimizer_state)
+        else:
+            self.model = self.engine = self._deepspeed(model)
         if self.rank == 0:
             logger.info("worker setup: %s %s, %d torch threads, %d trainable params, from epoch %d",
                         self.device, next(model.parameters()).dtype, threads, sum(p.numel() for p in params),
                         self.start_epoch)
+
+    def _deepspeed(self, model: Any) -> Any:
+        """ZeRO-2/3 engine around the peft model, with torch's AdamW (built above) as its optimizer."""
+        import deepspeed
+
+        from bt_ray.train.deepspeed_config import deepspeed_config
+
+        config = deepspeed_config(self.cfg.distributed, self.cfg.micro_batch_size, self.world,
+                                  _use_bf16(self.cfg, self.device))
+        engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=config)
+        return engine
 
     def _load_model(self):
         import torch
@@ -295,7 +336,9 @@ class LoraRecipe:
                 logger.warning("ignoring checkpoint %s: it is from a run with other data or settings", ckpt)
                 return
             set_peft_model_state_dict(model, load_file(str(Path(ckpt) / "adapter_model.safetensors")))
-            self.optimizer_state = torch.load(Path(ckpt) / OPTIMIZER_FILE, map_location="cpu")
+            if (Path(ckpt) / OPTIMIZER_FILE).is_file():  # not written under DeepSpeed
+                self.optimizer_state = torch.load(Path(ckpt) / OPTIMIZER_FILE, map_location="cpu")
+            self.initial_digests = state.get("initial_digests") or self.initial_digests
         self.start_epoch, self.losses, self.train_s = state["epoch"], list(state["losses"]), state["train_s"]
         self.starts = list(state["starts"])
         logger.info("rank %d resumed at epoch %d of %d", self.rank, self.start_epoch, self.cfg.epochs)
@@ -336,14 +379,23 @@ class LoraRecipe:
             weight = 1.0 if micro else 0.0
             batch = _collate([self.examples[i] for i in (micro or [self.filler])], self.loop_config["pad_id"],
                              self.device)
-            sync = k == len(mine) - 1 or not hasattr(self.model, "no_sync")
+            last = k == len(mine) - 1
+            if self.engine is not None:  # DeepSpeed reduces and steps at the boundary we mark
+                self.engine.set_gradient_accumulation_boundary(last)
+            sync = last or not hasattr(self.model, "no_sync")
             with nullcontext() if sync else self.model.no_sync():
                 logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 summed = token_loss_sum(logits, batch["labels"]) * weight
-                (summed * scale).backward()
+                if self.engine is not None:
+                    self.engine.backward(summed * scale)
+                else:
+                    (summed * scale).backward()
             loss_sum += summed.item()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.engine is not None:
+            self.engine.step()  # optimizer step and zeroed gradients (the boundary is set)
+        else:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         total = torch.tensor([loss_sum], dtype=torch.float64, device=self.device)
         if self.world > 1:
             torch.distributed.all_reduce(total)
@@ -354,14 +406,17 @@ class LoraRecipe:
         import torch
         import ray.train
 
+        adapter = _adapter_state(self.peft_model, gathered=self.cfg.distributed == "zero3")  # all ranks: a collective
         if self.rank != 0:
             ray.train.report(metrics)
             return
         state = {"epoch": epoch, "losses": self.losses, "train_s": self.train_s, "starts": self.starts,
-                 "fingerprint": self.loop_config["fingerprint"]}
+                 "fingerprint": self.loop_config["fingerprint"], "initial_digests": self.initial_digests}
         with tempfile.TemporaryDirectory() as tmp:
-            self.peft_model.save_pretrained(tmp)  # the peft model itself, never the DDP wrapper
-            torch.save(self.optimizer.state_dict(), Path(tmp) / OPTIMIZER_FILE)
+            # the peft model itself, never the DDP/DeepSpeed wrapper, with the tensors gathered above
+            self.peft_model.save_pretrained(tmp, state_dict=adapter)
+            if self.engine is None:  # a ZeRO optimizer's state is sharded across ranks: not kept
+                torch.save(self.optimizer.state_dict(), Path(tmp) / OPTIMIZER_FILE)
             (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
             # Ray names the checkpoint dir (unique); a fixed name like epoch_N would collide with
             # the same epoch of an earlier run under this name, and num_to_keep=1 then deletes it.
@@ -372,6 +427,30 @@ class LoraRecipe:
         if marker and self.rank == 0 and not Path(marker).exists():
             Path(marker).touch()
             raise RuntimeError(f"injected test crash ({CRASH_ONCE_ENV}={marker}); the retry should resume")
+
+
+def _adapter_state(model: Any, gathered: bool) -> dict[str, Any]:
+    """The LoRA tensors of a peft model, on CPU.
+
+    `gathered`: under ZeRO-3 each rank holds a slice of every parameter; state_dict() would
+    return the empty local slices (the known empty-adapter failure), so the LoRA parameters
+    are gathered first (every rank must call this). Keys are peft's full names (with the
+    adapter name), as save_pretrained(state_dict=...) expects.
+    """
+    if not gathered:
+        return {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items() if "lora_" in k}
+    import deepspeed
+
+    lora = [param for name, param in model.named_parameters() if "lora_" in name]
+    with deepspeed.zero.GatheredParameters(lora, modifier_rank=None):
+        return {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items() if "lora_" in k}
+
+
+def initial_digests(model: Any) -> dict[str, str]:
+    """tensor_digest of every adapter tensor, by the name it is saved under (before any wrapping)."""
+    from peft import get_peft_model_state_dict
+
+    return {k: tensor_digest(v) for k, v in get_peft_model_state_dict(model).items()}
 
 
 def token_loss_sum(logits: Any, labels: Any) -> Any:

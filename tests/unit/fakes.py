@@ -52,6 +52,13 @@ class FakeSession:
         self.model_dir = model_dir
         self.model_tag = unique_tag()
 
+    train_gpus_per_worker = 0.0
+
+    def training(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
     def lm(self, version):
         from bt_ray.inference.lm import pool_lm
 

@@ -22,7 +22,8 @@ class Calls(list):
 def fake_trainer(monkeypatch, tmp_path):
     calls, inits = Calls(), []
 
-    def train_lora(examples, config, base_model_dir, output_dir, name, seed=0, init_adapter_dir=None):
+    def train_lora(examples, config, base_model_dir, output_dir, name, seed=0, init_adapter_dir=None,
+                   gpus_per_worker=0.0):
         calls.append(name)
         inits.append(init_adapter_dir)
         return SimpleNamespace(adapter_dir=f"{output_dir}/adapter", examples=len(examples), dropped=0,

@@ -32,8 +32,8 @@ def test_more_replicas_and_workers_than_cpus():
 
 
 def test_gpus_asked_on_a_cpu_cluster():
-    config = load_config(None, ["inference.gpus_per_replica=1"])
-    with pytest.raises(ConfigError, match="inference.gpus_per_replica"):
+    config = load_config(None, ["placement.mode=split", "inference.gpus_per_replica=1", "train.use_gpu=true"])
+    with pytest.raises(ConfigError, match="needs 2 GPUs.*inference.gpus_per_replica=1.*has 0"):
         check_resources(config, {"CPU": 8.0, "GPU": 0.0})
 
 

@@ -47,3 +47,42 @@ def test_token_loss_counts_only_labelled_next_tokens():
     logits = torch.zeros(1, 4, 3)  # uniform over 3 tokens: every labelled position costs ln 3
     labels = torch.tensor([[-100, -100, 2, 1]])  # positions 2 and 3 are predicted from 1 and 2
     assert token_loss_sum(logits, labels).item() == pytest.approx(2 * torch.log(torch.tensor(3.0)).item())
+
+
+def test_verify_adapter_refuses_tensors_equal_to_their_initial_values(tmp_path):
+    from safetensors.torch import load_file
+
+    from bt_ray.train.trainer import tensor_digest
+
+    trained = save_adapter(tmp_path / "trained", b_value=0.5)
+    start = {k: tensor_digest(v) for k, v in load_file(str(trained / "adapter_model.safetensors")).items()}
+    # Θ after Θ starts from a non-zero B: an adapter saved unchanged must still be refused
+    with pytest.raises(TrainingError, match="2 equal to their initial values"):
+        verify_adapter(trained, start)
+    changed = dict(start, **{k: "0" * 16 for k in start if "lora_B" in k})  # B moved, A did not: fine
+    verify_adapter(trained, changed)
+    with pytest.raises(TrainingError, match="1 missing"):
+        verify_adapter(trained, dict(changed, **{"base_model.model.layers.1.q_proj.lora_A.weight": "x"}))
+
+
+def test_tensor_digest_ignores_the_saved_dtype_but_not_the_values():
+    import torch
+
+    from bt_ray.train.trainer import tensor_digest
+
+    weights = torch.randn(4, 8)
+    assert tensor_digest(weights) == tensor_digest(weights.to(torch.bfloat16))
+    assert tensor_digest(weights) != tensor_digest(weights + 0.05)
+
+
+@pytest.mark.parametrize("mode, stage", [("zero2", 2), ("zero3", 3)])
+def test_deepspeed_config_keeps_bt_rays_accumulation_and_batch(mode, stage):
+    from bt_ray.train.deepspeed_config import deepspeed_config
+
+    config = deepspeed_config(mode, micro_batch_size=2, world_size=4, bf16=True)
+    assert config["zero_optimization"]["stage"] == stage
+    assert config["gradient_accumulation_steps"] == 1  # the recipe marks the boundary itself
+    assert config["train_batch_size"] == 8 and config["train_micro_batch_size_per_gpu"] == 2
+    assert config["bf16"] == {"enabled": True} and config["zero_allow_untested_optimizer"]
+    with pytest.raises(ValueError, match="not a DeepSpeed mode"):
+        deepspeed_config("ddp", 1, 1, True)

@@ -1,0 +1,228 @@
+"""The vLLM engine without vLLM: argument mapping, adapter ids and rank checks, and the calls the
+compat module makes, against a FAKE `vllm` package (a recorder, labelled as such) on CPU."""
+
+import asyncio
+import json
+import sys
+import types
+
+import pytest
+
+from bt_ray.config import InferenceConfig, VLLMConfig, load_config
+from bt_ray.errors import AdapterError, ConfigError, EngineError
+from bt_ray.inference.engine import COMPLETION_MARKER, GenerationRequest, SamplingParams, engine_class
+from bt_ray.inference.vllm_args import AdapterIds, adapter_rank, check_adapter_fits, engine_kwargs, sampling_kwargs
+
+GPU = ["placement.mode=split", "train.use_gpu=true", "inference.engine=vllm", "inference.gpus_per_replica=1"]
+
+
+# ---------------------------------------------------------------- pure mapping
+
+
+def test_engine_kwargs_carry_lora_limits_and_parallelism_from_config():
+    inf = InferenceConfig(max_batch_size=128, vllm=VLLMConfig(max_lora_rank=64, max_loras=3, max_model_len=4096))
+    kwargs = engine_kwargs(inf, "/models/m", "auto")
+    assert kwargs["model"] == kwargs["tokenizer"] == "/models/m"
+    assert kwargs["enable_lora"] and (kwargs["max_lora_rank"], kwargs["max_loras"]) == (64, 3)
+    assert kwargs["max_cpu_loras"] >= kwargs["max_loras"]
+    assert (kwargs["dtype"], kwargs["max_num_seqs"], kwargs["max_model_len"]) == ("bfloat16", 128, 4096)
+    assert kwargs["enable_prefix_caching"] and kwargs["enable_sleep_mode"]
+    assert "distributed_executor_backend" not in kwargs
+    tp = engine_kwargs(InferenceConfig(vllm=VLLMConfig(tensor_parallel_size=2, sleep_level=0)), "/m", "float16")
+    assert (tp["tensor_parallel_size"], tp["distributed_executor_backend"], tp["dtype"]) == (2, "mp", "float16")
+    assert not tp["enable_sleep_mode"] and "max_model_len" not in tp
+
+
+def test_sampling_maps_dspy_settings_and_stops_at_the_completion_marker():
+    kwargs = sampling_kwargs(SamplingParams(temperature=0.1, top_p=0.9, max_tokens=77, seed=-5))
+    assert kwargs["n"] == 1 and kwargs["temperature"] == 0.1 and kwargs["top_p"] == 0.9
+    assert kwargs["max_tokens"] == 77 and kwargs["stop"] == [COMPLETION_MARKER]
+    assert not kwargs["include_stop_str_in_output"]
+    assert 0 <= kwargs["seed"] < 2**63
+    assert "seed" not in sampling_kwargs(SamplingParams(seed=None))
+
+
+def test_adapter_ids_are_never_reused():
+    ids = AdapterIds()
+    assert (ids.assign("run-v1"), ids.assign("run-v2")) == (1, 2)
+    assert ids.drop("run-v1") == 1
+    with pytest.raises(AdapterError, match="already used"):
+        ids.assign("run-v1")
+    assert ids.assign("run-v3") == 3
+    with pytest.raises(AdapterError, match="not loaded"):
+        ids.drop("run-v1")
+
+
+def write_adapter(path, r=32, rank_pattern=None):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "adapter_config.json").write_text(json.dumps({"r": r, "rank_pattern": rank_pattern or {}}))
+    return path
+
+
+def test_adapter_rank_checked_against_max_lora_rank(tmp_path):
+    assert adapter_rank(write_adapter(tmp_path / "a", 16, {"q_proj": 48})) == 48
+    assert check_adapter_fits(write_adapter(tmp_path / "b", 32), 32) == 32
+    with pytest.raises(AdapterError, match="rank 64.*inference.vllm.max_lora_rank=32; raise"):
+        check_adapter_fits(write_adapter(tmp_path / "c", 64), 32)
+    with pytest.raises(AdapterError, match="no adapter_config.json"):
+        check_adapter_fits(tmp_path / "missing", 32)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["inference.vllm.max_lora_rank=24"], "inference.vllm.max_lora_rank: vLLM serves only ranks.*set it to 32"),
+    (["train.lora_rank=64"], "inference.vllm.max_lora_rank: 32 is below train.lora_rank=64.*raise it to 64"),
+    (["inference.gpus_per_replica=2"], "inference.gpus_per_replica: the vllm engine.*set inference.gpus_per_replica=1"),
+    (["inference.vllm.gpu_memory_utilization=1.5"], "inference.vllm.gpu_memory_utilization: must be in"),
+])
+def test_vllm_config_problems_name_the_key_and_the_fix(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, GPU + overrides)
+
+
+def test_engine_registry_names_vllm_without_importing_it():
+    cls = engine_class("vllm")  # imports the compat module, which must not import vLLM itself
+    assert cls.__name__ == "VLLMEngine" and cls.__module__ == "bt_ray.inference.vllm_compat"
+    assert "vllm" not in sys.modules
+
+
+# ---------------------------------------------------------------- the compat module against a fake vllm
+
+
+class FakeAsyncLLM:
+    """FAKE vllm AsyncLLM: records calls, answers every prompt with a fixed completion."""
+
+    def __init__(self, args):
+        self.args, self.calls, self.loras = args, [], {}
+
+    @classmethod
+    def from_engine_args(cls, args):
+        return cls(args)
+
+    async def generate(self, prompt, params, request_id, *, lora_request=None):
+        self.calls.append(("generate", prompt, params, request_id, lora_request))
+        text = f"answer from {lora_request.lora_name if lora_request else 'base'}"
+        completion = types.SimpleNamespace(text=text, token_ids=[1, 2, 3], finish_reason="stop")
+        yield types.SimpleNamespace(outputs=[completion], num_cached_tokens=4, finished=True)
+
+    async def add_lora(self, request):
+        self.calls.append(("add_lora", request))
+        self.loras[request.lora_int_id] = request
+        return True
+
+    async def remove_lora(self, lora_id):
+        self.calls.append(("remove_lora", lora_id))
+        return self.loras.pop(lora_id, None) is not None
+
+    async def sleep(self, level=1):
+        self.calls.append(("sleep", level))
+
+    async def wake_up(self, tags=None):
+        self.calls.append(("wake_up", tags))
+
+    async def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+        self.calls.append(("collective_rpc", method))
+
+    async def reset_prefix_cache(self):
+        self.calls.append(("reset_prefix_cache",))
+        return True
+
+    def shutdown(self):
+        self.calls.append(("shutdown",))
+
+
+class Recorded:
+    """FAKE stand-in for vllm's argument classes: keeps the keyword arguments it was built with."""
+
+    def __init__(self, **kwargs):
+        self.__dict__.update(kwargs)
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    modules = {name: types.ModuleType(name) for name in
+               ["vllm", "vllm.lora", "vllm.lora.request", "vllm.sampling_params", "vllm.v1", "vllm.v1.engine",
+                "vllm.v1.engine.async_llm"]}
+    modules["vllm"].__version__ = "0.26.0-fake"
+    modules["vllm"].AsyncEngineArgs = type("AsyncEngineArgs", (Recorded,), {})
+    modules["vllm"].SamplingParams = type("SamplingParams", (Recorded,), {})
+    modules["vllm.lora.request"].LoRARequest = type("LoRARequest", (Recorded,), {})
+    modules["vllm.sampling_params"].RequestOutputKind = types.SimpleNamespace(FINAL_ONLY="final-only")
+    modules["vllm.v1.engine.async_llm"].AsyncLLM = FakeAsyncLLM
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return modules
+
+
+def make_engine(model_dir, **vllm):
+    from bt_ray.inference.vllm_compat import VLLMEngine
+
+    return VLLMEngine(model_dir, InferenceConfig(engine="vllm", vllm=VLLMConfig(**vllm)))
+
+
+def test_engine_builds_async_llm_from_the_mapped_args(fake_vllm, model_dir):
+    engine = make_engine(model_dir, max_lora_rank=64)
+    assert engine.llm.args.max_lora_rank == 64 and engine.llm.args.model == model_dir
+    assert engine.llm.args.enable_lora
+
+
+def test_generate_sends_chat_token_ids_and_returns_the_text(fake_vllm, model_dir, tokenizer):
+    from bt_ray.inference.chat import prompt_ids
+
+    engine = make_engine(model_dir)
+    messages = ({"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"})
+    result = asyncio.run(engine.generate(GenerationRequest(messages, SamplingParams(max_tokens=9), None, "r1")))
+    _, prompt, params, _, lora = engine.llm.calls[-1]
+    assert prompt == {"prompt_token_ids": prompt_ids(tokenizer, messages)}
+    assert params.max_tokens == 9 and params.stop == [COMPLETION_MARKER] and params.output_kind == "final-only"
+    assert lora is None
+    assert (result.text, result.completion_tokens, result.cached_prompt_tokens) == ("answer from base", 3, 4)
+    assert result.prompt_tokens == len(prompt["prompt_token_ids"]) and result.request_id == "r1"
+
+
+def test_each_adapter_version_gets_a_new_name_and_id(fake_vllm, model_dir, tmp_path):
+    engine = make_engine(model_dir)
+    v1, v2 = write_adapter(tmp_path / "v1"), write_adapter(tmp_path / "v2")
+    asyncio.run(engine.load_adapter("run-v1", str(v1)))
+    asyncio.run(engine.load_adapter("run-v2", str(v2)))
+    added = [c[1] for c in engine.llm.calls if c[0] == "add_lora"]
+    assert [(r.lora_name, r.lora_int_id, r.lora_path) for r in added] == [("run-v1", 1, str(v1)),
+                                                                         ("run-v2", 2, str(v2))]
+    messages = ({"role": "user", "content": "hi"},)
+    result = asyncio.run(engine.generate(GenerationRequest(messages, adapter="run-v2")))
+    assert engine.llm.calls[-1][4].lora_int_id == 2 and result.text == "answer from run-v2"
+    asyncio.run(engine.unload_adapter("run-v1"))
+    assert engine.llm.calls[-1] == ("remove_lora", 1)
+    with pytest.raises(AdapterError, match="already used"):
+        asyncio.run(engine.load_adapter("run-v1", str(v1)))
+    with pytest.raises(AdapterError, match="not loaded"):
+        asyncio.run(engine.generate(GenerationRequest(messages, adapter="run-v1")))
+
+
+def test_an_adapter_above_max_lora_rank_never_reaches_vllm(fake_vllm, model_dir, tmp_path):
+    engine = make_engine(model_dir, max_lora_rank=16)
+    with pytest.raises(AdapterError, match="inference.vllm.max_lora_rank=16"):
+        asyncio.run(engine.load_adapter("run-v1", str(write_adapter(tmp_path / "big", 32))))
+    assert not [c for c in engine.llm.calls if c[0] == "add_lora"]
+
+
+@pytest.mark.parametrize("level, reload", [(1, False), (2, True)])
+def test_sleep_and_wake_use_vllm_sleep_mode(fake_vllm, model_dir, level, reload):
+    engine = make_engine(model_dir, sleep_level=level)
+    asyncio.run(engine.sleep())
+    with pytest.raises(EngineError, match="asleep"):
+        asyncio.run(engine.generate(GenerationRequest(({"role": "user", "content": "x"},))))
+    asyncio.run(engine.wake())
+    names = [c[0] for c in engine.llm.calls]
+    assert names == ["sleep", "wake_up"] + (["collective_rpc"] if reload else []) + ["reset_prefix_cache"]
+    assert engine.llm.calls[0] == ("sleep", level)
+
+
+def test_sleep_without_sleep_mode_names_the_setting(fake_vllm, model_dir):
+    with pytest.raises(EngineError, match="inference.vllm.sleep_level=1"):
+        asyncio.run(make_engine(model_dir, sleep_level=0).sleep())
+
+
+def test_missing_vllm_is_a_clear_engine_error(monkeypatch, model_dir):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
+    with pytest.raises(EngineError, match="needs vLLM.*gpu"):
+        make_engine(model_dir)
