@@ -1,0 +1,188 @@
+"""GPU serving throughput: raw vLLM vs a bt-ray replica actor + router vs a rank-32 q,k LoRA adapter.
+
+Llama-3-8B's architecture (bench/models/llama-3-8b.json) with random weights (vLLM
+load_format="dummy"): real shapes and real kernels, no download. Every arm gets the same
+requests (a 600-token prefix shared by all, as a candidate program's instructions + demos,
+then 100 tokens of its own), greedy, 128 new tokens, the same engine arguments
+(bt_ray.inference.vllm_args.engine_kwargs) and --concurrency requests in flight:
+
+  (a) raw     vLLM AsyncLLM in this process, token-id prompts
+  (b) bt-ray  the same through InferencePool -> Router -> ReplicaActor (Ray) -> VLLMEngine
+  (c) lora    (b) with a rank-32 q_proj,k_proj adapter active on every request
+
+Prints generated tokens/s of each and the ratios b/a and c/b, measured in this run
+(targets from issue 7: b/a >= 0.95, c/b >= 0.70). Not a test: numbers depend on the GPU.
+
+    python bench/gpu_serving.py                              # 256 requests, 64 in flight
+    python bench/gpu_serving.py --requests 512 --concurrency 128 --json results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
+                   "VLLM_USE_FLASHINFER_SAMPLER": "0", "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1",
+                   "LITELLM_LOCAL_MODEL_COST_MAP": "True", "TOKENIZERS_PARALLELISM": "false"}.items():
+    os.environ.setdefault(key, value)
+
+from bt_ray.config import load_config  # noqa: E402
+from bt_ray.inference.engine import GenerationRequest, SamplingParams  # noqa: E402
+from bt_ray.synthetic import random_lora, read_config, words, write_config_only  # noqa: E402
+
+ARCH = Path(__file__).resolve().parent / "models" / "llama-3-8b.json"
+SAMPLING = SamplingParams(temperature=0.0, max_tokens=128, stop=())
+
+
+def requests(n: int, prefix: int = 600, own: int = 100) -> list[GenerationRequest]:
+    """DSPy-shaped calls: one shared system prompt, then a user message of each request's own words."""
+    system = {"role": "system", "content": words(range(1000, 1000 + prefix))}
+    return [GenerationRequest((system, {"role": "user", "content": words(range(5000 + i * own, 5000 + (i + 1) * own))}),
+                              SAMPLING, request_id=f"r{i}") for i in range(n)]
+
+
+def run_config(model_dir: str, concurrency: int, max_model_len: int, eager: bool):
+    return load_config(None, [
+        f"model.name={model_dir}", "placement.mode=split", "train.use_gpu=true", "inference.engine=vllm",
+        "inference.replicas=1", "inference.gpus_per_replica=1", "inference.cpus_per_replica=2",
+        f"inference.max_batch_size={max(256, concurrency)}", "inference.vllm.load_format=dummy",
+        "inference.vllm.max_lora_rank=32", f"inference.vllm.max_model_len={max_model_len}",
+        f"inference.vllm.enforce_eager={str(eager).lower()}", "inference.vllm.gpu_memory_utilization=0.85",
+        "inference.request_timeout_s=900"])
+
+
+# ---------------------------------------------------------------- (a) raw vLLM
+
+
+def raw_vllm(config, model_dir: str, reqs: list[GenerationRequest], concurrency: int, warmup: int) -> dict:
+    from transformers import AutoTokenizer
+    from vllm import AsyncEngineArgs
+    from vllm import SamplingParams as VSamplingParams
+    from vllm.sampling_params import RequestOutputKind
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from bt_ray.inference.chat import prompt_ids
+    from bt_ray.inference.vllm_args import engine_kwargs, sampling_kwargs
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts = [prompt_ids(tokenizer, r.messages) for r in reqs]
+    params = VSamplingParams(**sampling_kwargs(SAMPLING), output_kind=RequestOutputKind.FINAL_ONLY)
+    llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(config.inference, model_dir)))
+
+    async def one(i: int, gate: asyncio.Semaphore) -> int:
+        async with gate:
+            final = None
+            async for out in llm.generate({"prompt_token_ids": prompts[i]}, params, f"raw-{i}-{time.time()}"):
+                final = out
+            return len(final.outputs[0].token_ids)
+
+    async def measure(indices) -> tuple[int, float]:
+        gate = asyncio.Semaphore(concurrency)
+        start = time.perf_counter()
+        tokens = await asyncio.gather(*(one(i, gate) for i in indices))
+        return sum(tokens), time.perf_counter() - start
+
+    async def main() -> dict:
+        await measure(range(warmup))  # also computes the shared prefix once, as in the other arms
+        return summary(*(await measure(range(len(reqs)))))
+
+    try:
+        return asyncio.run(main())
+    finally:
+        llm.shutdown()
+
+
+# ---------------------------------------------------------------- (b), (c) through bt-ray
+
+
+def through_pool(config, model_dir: str, reqs: list[GenerationRequest], concurrency: int, warmup: int,
+                 adapter_dir: str) -> tuple[dict, dict]:
+    import ray
+
+    from bt_ray.inference.placement import connect
+    from bt_ray.inference.pool import InferencePool
+
+    connect(None)
+    pool = InferencePool(config, model_dir, "bench")
+    pool.start(timeout_s=900)
+    try:
+        base = pool_arm(pool, reqs, concurrency, warmup, None)
+        pool.load_adapter("bench-v1", adapter_dir)
+        lora = pool_arm(pool, reqs, concurrency, warmup, "bench-v1")
+    finally:
+        pool.shutdown()
+        ray.shutdown()
+    return base, lora
+
+
+def pool_arm(pool, reqs, concurrency: int, warmup: int, adapter: str | None) -> dict:
+    tagged = [GenerationRequest(r.messages, r.sampling, adapter, f"{adapter or 'base'}-{r.request_id}") for r in reqs]
+    with ThreadPoolExecutor(concurrency) as threads:
+        list(threads.map(pool.generate, tagged[:warmup]))
+        start = time.perf_counter()
+        results = list(threads.map(pool.generate, tagged))
+        wall = time.perf_counter() - start
+    return summary(sum(r.completion_tokens for r in results), wall)
+
+
+def wait_for_free_gpu(min_share: float = 0.9, timeout_s: float = 60.0) -> None:
+    """vLLM's engine process exits after shutdown(); the next engine needs its memory back."""
+    import torch
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        free, total = torch.cuda.mem_get_info()
+        if free >= min_share * total:
+            return
+        time.sleep(1.0)
+
+
+def summary(tokens: int, wall: float) -> dict:
+    return {"generated_tokens": tokens, "wall_s": round(wall, 2), "tokens_per_s": round(tokens / wall, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=32)
+    parser.add_argument("--eager", action="store_true", help="no CUDA graphs or compilation (faster start)")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+
+    import torch
+
+    work = Path(tempfile.mkdtemp(prefix="bt-ray-bench-"))
+    arch = read_config(ARCH)
+    model_dir = str(write_config_only(work / "llama-3-8b", arch))
+    adapter_dir = str(random_lora(work / "lora-r32-qk", arch, rank=32))
+    config = run_config(model_dir, args.concurrency, max_model_len=2048, eager=args.eager)
+    reqs = requests(args.requests)
+    results = {"gpu": torch.cuda.get_device_name(0), "model": "Llama-3-8B shapes, dummy weights, bf16",
+               "requests": args.requests, "concurrency": args.concurrency, "prompt_tokens": "600 shared + 100 own",
+               "max_tokens": SAMPLING.max_tokens, "eager": args.eager}
+    print(f"{results['gpu']}: {args.requests} requests, {args.concurrency} in flight", flush=True)
+    results["raw"] = raw_vllm(config, model_dir, reqs, args.concurrency, args.warmup)
+    print(f"(a) raw vLLM        {results['raw']}", flush=True)
+    wait_for_free_gpu()
+    results["bt_ray"], results["lora"] = through_pool(config, model_dir, reqs, args.concurrency, args.warmup,
+                                                      adapter_dir)
+    print(f"(b) bt-ray replica  {results['bt_ray']}", flush=True)
+    print(f"(c) + LoRA r32 q,k  {results['lora']}", flush=True)
+    results["bt_ray_vs_raw"] = round(results["bt_ray"]["tokens_per_s"] / results["raw"]["tokens_per_s"], 3)
+    results["lora_vs_base"] = round(results["lora"]["tokens_per_s"] / results["bt_ray"]["tokens_per_s"], 3)
+    print(f"bt-ray / raw = {results['bt_ray_vs_raw']} (target >= 0.95); "
+          f"LoRA / base = {results['lora_vs_base']} (target >= 0.70)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

