@@ -57,4 +57,4 @@ class FakeEngine:
         self.asleep = False
 
     async def health(self) -> dict[str, Any]:
-        return {"engine": "fake", "adapters": sorted(self.adapters), "served": self.served}
+        return {"engine": "fake", "adapters": sorted(self.adapters), "served": self.served, "asleep": self.asleep}

@@ -153,6 +153,9 @@ class InferencePool:
 
         If that replica dies, the request goes to another one (it is counted once, when answered).
         """
+        if self.asleep:
+            raise EngineError("the inference pool is asleep (placement.mode=timeshare frees the replicas' GPUs "
+                              "while Θ trains); requests are served again after wake()")
         if request.adapter is not None and request.adapter not in self.adapters:
             raise AdapterError(f"model version {request.adapter!r} is not loaded in the pool; "
                                f"loaded: {', '.join(self.adapters) or 'none (base only)'}")

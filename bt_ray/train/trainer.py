@@ -382,7 +382,8 @@ class LoraRecipe:
             last = k == len(mine) - 1
             if self.engine is not None:  # DeepSpeed reduces and steps at the boundary we mark
                 self.engine.set_gradient_accumulation_boundary(last)
-            sync = last or not hasattr(self.model, "no_sync")
+            # DDP: skip the all-reduce until the last micro-batch (DeepSpeed's no_sync refuses ZeRO 2/3)
+            sync = last or self.engine is not None or not hasattr(self.model, "no_sync")
             with nullcontext() if sync else self.model.no_sync():
                 logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 summed = token_loss_sum(logits, batch["labels"]) * weight

@@ -40,9 +40,11 @@ def test_pool_replicas_sleep_and_wake(ray_cluster, tmp_path):
         request = GenerationRequest(({"role": "user", "content": "hi"},))
         assert pool.generate(request).text
         pool.sleep()
-        with pytest.raises(EngineError, match="replica-.*asleep"):
+        assert [h["asleep"] for h in pool.health()] == [True, True]
+        with pytest.raises(EngineError, match="pool is asleep"):
             pool.generate(request)
         pool.wake()
+        assert [h["asleep"] for h in pool.health()] == [False, False]
         assert pool.generate(request).text
     finally:
         pool.shutdown()
