@@ -27,8 +27,9 @@ STEPS=${STEPS:-tests,bench}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 LITELLM_LOCAL_MODEL_COST_MAP=True RAY_USAGE_STATS_ENABLED=0 \
        TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled \
        VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 VLLM_DO_NOT_TRACK=1
-export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
-export PATH="$SITE/bin:$PATH"
+EXTRA_SITE="$SITE-extras"  # its own folder: pip --target would replace the stack's bin/ otherwise
+export PYTHONPATH="$SITE:$EXTRA_SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export PATH="$SITE/bin:$EXTRA_SITE/bin:$PATH"
 
 declare -A RESULT=()
 step() { echo; echo "== $(date -u +%H:%M:%S) $*"; }
@@ -60,7 +61,7 @@ else
   record install_stack "failed: gpu/install_wheelset.sh $WHEELS/stack"; finish
 fi
 if [ -d "$WHEELS/extras" ]; then
-  EXTRA_WORK="$SITE.extras"
+  EXTRA_WORK="$SITE-extras.wheels"
   if bash gpu/install_wheelset.sh "$WHEELS/extras" --check-only --work "$EXTRA_WORK"; then
     missing=()
     while read -r spec module; do
@@ -72,7 +73,8 @@ if [ -d "$WHEELS/extras" ]; then
       wheel=$(ls "$EXTRA_WORK"/wheels/"${name//-/_}"-"$version"-*.whl "$EXTRA_WORK"/wheels/"$name"-"$version"-*.whl 2>/dev/null | head -1)
       [ -n "$wheel" ] && missing+=("$wheel") || echo "no wheel for $spec in $WHEELS/extras"
     done <gpu/extras.txt
-    if [ ${#missing[@]} -eq 0 ] || "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "${missing[@]}"; then
+    if [ ${#missing[@]} -eq 0 ] || "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade \
+                                         --target "$EXTRA_SITE" "${missing[@]}"; then
       record install_extras "ok (${#missing[@]} installed)"
     else
       record install_extras "failed: pip install of ${#missing[@]} extra wheels"
