@@ -43,6 +43,11 @@ def engine(tiny_model, adapters, loop):
     engine.shutdown()
 
 
+def adapted(text: str) -> bool:
+    """Starts with a trained adapter's answer (w7 w7 w7 or w9 w9 w9)."""
+    return text.split()[:3] in (["w7"] * 3, ["w9"] * 3)
+
+
 def ask(loop, engine, adapter=None):
     return loop.run_until_complete(engine.generate(GenerationRequest(PROMPT, GREEDY, adapter))).text
 
@@ -52,21 +57,28 @@ def test_trained_adapter_changes_outputs_from_the_next_request(loop, engine, ada
     loop.run_until_complete(engine.load_adapter("run-v1", adapters[7]))
     tuned = ask(loop, engine, "run-v1")  # the very first request after the load returned
     assert tuned.split()[:3] == ["w7", "w7", "w7"], (base, tuned)
-    assert tuned != base
-    assert ask(loop, engine) == base  # the base model is still served, unchanged
+    assert not adapted(base), base
+    assert ask(loop, engine) == base  # the base model is still served, unchanged (same request, same batch)
 
 
 def test_two_versions_side_by_side_give_their_own_answers(loop, engine, adapters):
     ask(loop, engine, "run-v1")  # v1's prompt is now in vLLM's prefix cache
-    loop.run_until_complete(engine.load_adapter("run-v2", adapters[9]))
+
+    async def load_while_serving():  # the base model (and v1) keep answering while v2 loads
+        return await asyncio.gather(engine.load_adapter("run-v2", adapters[9]),
+                                    *(engine.generate(GenerationRequest(PROMPT, GREEDY, a)) for a in (None, "run-v1")))
+
+    _, during_base, during_v1 = loop.run_until_complete(load_while_serving())
+    assert during_v1.text.split()[:3] == ["w7"] * 3
+    assert not adapted(during_base.text), during_base.text  # (random weights: batched greedy may differ in ties)
 
     async def together():
         return await asyncio.gather(*(engine.generate(GenerationRequest(PROMPT, GREEDY, a))
                                       for a in ("run-v1", "run-v2", None, "run-v2", "run-v1")))
 
-    v1, v2, base, v2_again, v1_again = [r.text for r in loop.run_until_complete(together())]
+    v1, v2, base_now, v2_again, v1_again = [r.text for r in loop.run_until_complete(together())]
     assert v1.split()[:3] == ["w7"] * 3 and v2.split()[:3] == ["w9"] * 3, (v1, v2)
-    assert (v1_again, v2_again) == (v1, v2) and base not in (v1, v2)
+    assert (v1_again, v2_again) == (v1, v2) and not adapted(base_now), base_now
     health = loop.run_until_complete(engine.health())
     assert health["lora_ids"] == {"run-v1": 1, "run-v2": 2}
 
