@@ -115,9 +115,12 @@ class VLLMEngine:
     async def wake(self) -> None:
         if not self.asleep:
             return
-        await self.llm.wake_up()
-        if self.config.vllm.sleep_level == 2:  # level 2 dropped the weights: read them again
+        if self.config.vllm.sleep_level == 2:  # level 2 dropped the weights: reload them before the KV cache
+            await self.llm.wake_up(tags=["weights"])  # (vLLM's own sleep-mode test does it in this order)
             await self.llm.collective_rpc("reload_weights")
+            await self.llm.wake_up(tags=["kv_cache"])
+        else:
+            await self.llm.wake_up()
         await self.llm.reset_prefix_cache()
         self.asleep = False
 

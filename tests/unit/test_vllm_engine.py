@@ -205,16 +205,17 @@ def test_an_adapter_above_max_lora_rank_never_reaches_vllm(fake_vllm, model_dir,
     assert not [c for c in engine.llm.calls if c[0] == "add_lora"]
 
 
-@pytest.mark.parametrize("level, reload", [(1, False), (2, True)])
-def test_sleep_and_wake_use_vllm_sleep_mode(fake_vllm, model_dir, level, reload):
+@pytest.mark.parametrize("level, wake_calls", [
+    (1, [("wake_up", None)]),
+    (2, [("wake_up", ["weights"]), ("collective_rpc", "reload_weights"), ("wake_up", ["kv_cache"])]),
+])
+def test_sleep_and_wake_use_vllm_sleep_mode(fake_vllm, model_dir, level, wake_calls):
     engine = make_engine(model_dir, sleep_level=level)
     asyncio.run(engine.sleep())
     with pytest.raises(EngineError, match="asleep"):
         asyncio.run(engine.generate(GenerationRequest(({"role": "user", "content": "x"},))))
     asyncio.run(engine.wake())
-    names = [c[0] for c in engine.llm.calls]
-    assert names == ["sleep", "wake_up"] + (["collective_rpc"] if reload else []) + ["reset_prefix_cache"]
-    assert engine.llm.calls[0] == ("sleep", level)
+    assert engine.llm.calls == [("sleep", level), *wake_calls, ("reset_prefix_cache",)]
 
 
 def test_sleep_without_sleep_mode_names_the_setting(fake_vllm, model_dir):
