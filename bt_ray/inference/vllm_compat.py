@@ -82,7 +82,7 @@ class VLLMEngine:
             request_id=request.request_id, text=completion.text, prompt_tokens=len(ids),
             completion_tokens=len(completion.token_ids),
             finish_reason="length" if completion.finish_reason == "length" else "stop",
-            adapter=request.adapter, cached_prompt_tokens=getattr(final, "num_cached_tokens", None) or 0)
+            adapter=request.adapter, cached_prompt_tokens=final.num_cached_tokens or 0)
 
     async def load_adapter(self, name: str, path: str) -> None:
         check_adapter_fits(path, self.config.vllm.max_lora_rank)
