@@ -127,12 +127,14 @@ class InferencePool:
 
     def sleep(self) -> None:
         """Every replica frees its GPU memory (placement timeshare, during Θ); requests fail until wake()."""
-        self._on_every_replica("sleep", lambda actor: actor.sleep.remote())
-        self.asleep = True
+        with self._adapters_lock:  # a replacement started meanwhile sleeps too
+            self._on_every_replica("sleep", lambda actor: actor.sleep.remote())
+            self.asleep = True
 
     def wake(self) -> None:
-        self._on_every_replica("wake", lambda actor: actor.wake.remote())
-        self.asleep = False
+        with self._adapters_lock:
+            self._on_every_replica("wake", lambda actor: actor.wake.remote())
+            self.asleep = False
 
     def _on_every_replica(self, what: str, call) -> None:
         import ray
@@ -287,6 +289,8 @@ class InferencePool:
             with self._adapters_lock:  # every version loaded before it gets traffic
                 for name, path in self.adapters.items():
                     ray.get(actor.load_adapter.remote(name, path))
+                if self.asleep:  # placement timeshare, during Θ: free the GPU like the others
+                    ray.get(actor.sleep.remote())
                 with self._lock:
                     if any("shut down" in f for f in self._failures):
                         ray.kill(actor)
