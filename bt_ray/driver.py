@@ -7,21 +7,26 @@
       step 3  Π on v1 (bootstraps and scores with v1) -> dev score, checkpoint
       the returned program (the last step's, or the best on dev) -> test score, once
 
-Selection only ever sees dev (and Π's own train/validation subsamples of the
-train split); test is scored once, at the end, on the returned program.
+`PhaseLoop` is the loop itself; `Driver` (the CLI's `bt-ray run`) and
+`bt_ray.BetterTogether.compile` (the Python API) both run on it. A step is a
+`Step`: bt-ray's Π (`prompt_step`), Θ (`finetune_step`), or any DSPy
+teleprompter (bt_ray.optimizers). Selection only ever sees dev (and Π's own
+train/validation subsamples of the train split); test is scored once, at the
+end, on the returned program.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from bt_ray.config import RunConfig
-from bt_ray.errors import ConfigError
+from bt_ray.config import PromptConfig, RunConfig, TrainConfig
+from bt_ray.errors import BtRayError, ConfigError
 from bt_ray.model import check_model
-from bt_ray.phases.evaluate import evaluate
+from bt_ray.phases.evaluate import EvalResult, evaluate
 from bt_ray.phases.finetune import finetune
 from bt_ray.phases.prompt import optimize_prompts
 from bt_ray.report import write_results
@@ -31,6 +36,177 @@ from bt_ray.strategy import format_strategy, parse_strategy
 from bt_ray.tasks import Splits, Task, task_for
 
 logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- steps
+
+
+@dataclass
+class StepContext:
+    """What one step gets: the program so far, the model version it runs on, and where to write."""
+
+    session: Any
+    index: int
+    code: str  # the step's key in the strategy: 'p', 'w', or a user's key such as 'mipro'
+    program: Any  # bound to `version`
+    version: str | None
+    trainset: list
+    step_dir: Path
+    new_version: str  # the name a weight step gives its adapter: <run>-v<N>
+    max_inflight: int
+
+
+@dataclass
+class StepOutput:
+    program: Any
+    version: str | None  # the model version `program` runs on after the step
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Step:
+    """One kind of step. A `weights` step makes a new adapter version."""
+
+    run: Callable[[StepContext], StepOutput]
+    weights: bool = False
+
+
+def prompt_step(metric: Callable, config: PromptConfig, seed: int, valset: list | None = None) -> Step:
+    """bt-ray's Π: BootstrapFewShotWithRandomSearch, all bootstraps and candidates fanned out."""
+
+    def run(ctx: StepContext) -> StepOutput:
+        result = optimize_prompts(ctx.program, ctx.trainset, metric, lm=ctx.session.lm(ctx.version),
+                                  adapter=ctx.session.adapter, config=config, seed=seed * 100 + ctx.index,
+                                  max_inflight=ctx.max_inflight, valset=valset)
+        return StepOutput(result.program, ctx.version, {
+            "candidates": result.candidates, "best_seed": result.best_seed, "bootstrap_calls": result.bootstrap_calls,
+            "train_size": result.train_size, "val_size": result.val_size})
+
+    return Step(run)
+
+
+def finetune_step(metric: Callable | None, config: TrainConfig, seed: int) -> Step:
+    """bt-ray's Θ: traces of the current program -> LoRA on Ray Train -> a new adapter version."""
+
+    def run(ctx: StepContext) -> StepOutput:
+        result = finetune(ctx.program, ctx.trainset, metric, session=ctx.session, version=ctx.new_version,
+                          adapter=ctx.session.adapter, config=config, out_dir=str(ctx.step_dir), seed=seed,
+                          max_inflight=ctx.max_inflight, current_version=ctx.version)
+        return StepOutput(result.program, ctx.new_version, {
+            "adapter_dir": result.adapter_dir, "traces_run": result.traces_run, "traces_kept": result.traces_kept,
+            "examples": result.examples, "per_predictor": result.per_predictor, "train": _train_summary(result.train)})
+
+    return Step(run, weights=True)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+class PhaseLoop:
+    """Score the starting program, run each step, score it on dev, checkpoint it; resume skips finished steps.
+
+    `dev=None` means no dev set: steps are not scored (their score is None), as in DSPy's BetterTogether
+    without a validation set.
+    """
+
+    def __init__(self, session: Any, state: RunState, run_name: str, strategy: tuple[str, ...],
+                 steps: dict[str, Step], *, build_program: Callable[[], Any], metric: Callable,
+                 trainsets: list[list], dev: list | None, max_inflight: int, start_version: str | None = None,
+                 max_errors: int | None = None, provide_traceback: bool = False):
+        assert len(trainsets) == len(strategy)
+        self.session, self.state, self.run_name = session, state, run_name
+        self.strategy, self.steps = strategy, steps
+        self.build_program, self.metric = build_program, metric
+        self.trainsets, self.dev = trainsets, dev
+        self.max_inflight, self.start_version = max_inflight, start_version
+        self.max_errors, self.provide_traceback = max_errors, provide_traceback
+
+    def run(self) -> dict[int, tuple[Any, str | None]]:
+        """(program, version) of every step, 0 being the starting program; finished steps are restored."""
+        done = self.state.finished(0)
+        program, version = self.restore(done) if done else self._baseline()
+        out = {0: (program, version)}
+        for index, code in enumerate(self.strategy, start=1):
+            done = self.state.finished(index)
+            if done is not None:
+                program, version = self.restore(done)
+                logger.info("step %d (%s) already finished: dev %s, skipped", index, done.strategy,
+                            _score_text(done.dev.get("score")))
+            else:
+                program, version = self._step(index, code, program, version)
+            out[index] = (program, version)
+        return out
+
+    def _baseline(self) -> tuple[Any, str | None]:
+        program = self.build_program()
+        program.set_lm(self.session.lm(self.start_version))
+        started, usage = time.time(), self.session.pool.usage_snapshot()
+        return self._record(0, "vanilla", program, self.start_version, started, usage, {})
+
+    def _step(self, index: int, code: str, program: Any, version: str | None) -> tuple[Any, str | None]:
+        strategy = format_strategy(self.strategy[:index])
+        self.state.event("start", step=index, strategy=strategy, version=version)
+        started, usage = time.time(), self.session.pool.usage_snapshot()
+        weights = sum(self.steps[c].weights for c in self.strategy[:index])
+        ctx = StepContext(self.session, index, code, program, version, self.trainsets[index - 1],
+                          self.state.step_dir(index, code), f"{self.run_name}-v{weights}", self.max_inflight)
+        try:
+            out = self.steps[code].run(ctx)
+            return self._record(index, code, out.program, out.version, started, usage, out.details)
+        except Exception as exc:
+            self.state.event("failed", step=index, strategy=strategy, error=f"{type(exc).__name__}: {exc}")
+            raise
+
+    def _record(self, index: int, code: str, program: Any, version: str | None, started: float, usage: Any,
+                details: dict) -> tuple[Any, str | None]:
+        strategy = format_strategy(self.strategy[:index])
+        dev = self._score_dev(program, f"dev: step {index} ({strategy})")
+        path = self.state.step_dir(index, code) / "program.json"
+        _save_program(program, path)
+        spent = self.session.pool.usage_snapshot().since(usage)
+        record = StepRecord(index=index, code=code, strategy=strategy, version=version, program_path=str(path),
+                            adapter_dir=details.get("adapter_dir"), dev=dev,
+                            wall_s=round(time.time() - started, 2), usage=vars(spent),
+                            trained_tokens=details.get("train", {}).get("trained_tokens", 0), details=details)
+        self.state.add(record)
+        self.state.event("done", step=index, strategy=strategy, dev=dev["score"], wall_s=record.wall_s)
+        logger.info("step %d (%s): dev %s (%d examples, %d errors) in %.0fs", index, strategy,
+                    _score_text(dev["score"]), dev["n"], dev["errors"], record.wall_s)
+        return program, version
+
+    def _score_dev(self, program: Any, desc: str) -> dict[str, Any]:
+        if not self.dev:
+            return {"score": None, "n": 0, "errors": 0}
+        result = self.evaluate(program, self.dev, desc)
+        if self.max_errors is not None and result.errors and result.errors >= self.max_errors:
+            raise BtRayError(f"{desc}: {result.errors} of {result.n} examples raised, max_errors={self.max_errors} "
+                             f"(DSPy's Evaluate stops at that many); raise max_errors or pass None to count "
+                             f"them as score 0")
+        return result.to_dict()
+
+    def evaluate(self, program: Any, examples: list, desc: str) -> EvalResult:
+        return evaluate(program, examples, self.metric, adapter=self.session.adapter,
+                        max_inflight=self.max_inflight, desc=desc, provide_traceback=self.provide_traceback)
+
+    def restore(self, record: StepRecord) -> tuple[Any, str | None]:
+        """The program of a finished step, bound to its model version (loading the adapter if needed)."""
+        pool = self.session.pool
+        if record.version is not None and record.version not in pool.adapters:
+            pool.load_adapter(record.version, record.adapter_dir or self._adapter_of(record.version))
+        program = self.build_program()
+        program.load(record.program_path)
+        program.set_lm(self.session.lm(record.version))
+        return program, record.version
+
+    def _adapter_of(self, version: str) -> str:
+        found = next((s.adapter_dir for s in self.state.steps if s.version == version and s.adapter_dir), None)
+        if found is None:
+            raise ConfigError(f"model version {version!r} is not loaded in the pool and no finished step of "
+                              f"{self.state.run_dir} made it; start from the base model or load it first")
+        return found
+
+
+# ---------------------------------------------------------------- bt-ray run
 
 
 def preflight(config: RunConfig, task: Task) -> Splits:
@@ -83,6 +259,8 @@ def _fit_prompt_sizes(config: RunConfig, available: int) -> None:
 
 
 class Driver:
+    """`bt-ray run`: a config's task and strategy on the phase loop, then the test score and the results."""
+
     def __init__(self, config: RunConfig, resume: bool = False):
         self.config = config
         self.steps = parse_strategy(config.strategy)
@@ -99,110 +277,48 @@ class Driver:
         session = session or Session(cfg, cfg.run_name, cache_dir=cfg.run_dir / "cache")
         with session:
             self.session = session
-            program, version = self._baseline()
-            for index, code in enumerate(self.steps, start=1):
-                done = self.state.finished(index)
-                if done is not None:
-                    program, version = self._restore(done)
-                    logger.info("step %d (%s) already finished: dev %.1f, skipped", index, done.strategy,
-                                done.dev["score"])
-                    continue
-                program, version = self._step(index, code, program, version)
+            steps = {"p": prompt_step(self.task.metric, cfg.prompt, cfg.seed),
+                     "w": finetune_step(self.task.metric, cfg.train, cfg.seed)}
+            loop = PhaseLoop(session, self.state, cfg.run_name, self.steps, steps,
+                             build_program=lambda: self.task.program(cfg.task), metric=self.task.metric,
+                             trainsets=[self.splits.train] * len(self.steps), dev=self.splits.dev,
+                             max_inflight=cfg.inference.max_inflight)
+            loop.run()
             returned = self._returned_step()
-            program, _ = self._restore(returned)
-            test = self._evaluate(program, self.splits.test, f"test: step {returned.index} ({returned.strategy})")
+            program, _ = loop.restore(returned)
+            test = loop.evaluate(program, self.splits.test, f"test: step {returned.index} ({returned.strategy})")
             self.state.test = {"step": returned.index, "strategy": returned.strategy, **test.to_dict()}
             self.state.save()
             self.state.event("test", **self.state.test)
         return write_results(self.config, self.state, self.splits)
 
-    # ------------------------------------------------------------ steps
-
-    def _baseline(self) -> tuple[Any, str | None]:
-        done = self.state.finished(0)
-        if done is not None:
-            return self._restore(done)
-        program = self.task.program(self.config.task)
-        program.set_lm(self.session.lm(None))
-        return self._record(0, "vanilla", program, None, time.time(), self.session.pool.usage_snapshot(), {})
-
-    def _step(self, index: int, code: str, program: Any, version: str | None) -> tuple[Any, str | None]:
-        cfg, session = self.config, self.session
-        strategy = format_strategy(self.steps[:index])
-        self.state.event("start", step=index, strategy=strategy, version=version)
-        started, usage = time.time(), session.pool.usage_snapshot()
-        max_inflight = cfg.inference.max_inflight
-        try:
-            if code == "p":
-                result = optimize_prompts(program, self.splits.train, self.task.metric, lm=session.lm(version),
-                                          adapter=session.adapter, config=cfg.prompt, seed=cfg.seed * 100 + index,
-                                          max_inflight=max_inflight)
-                program, details = result.program, {"candidates": result.candidates, "best_seed": result.best_seed,
-                                                    "bootstrap_calls": result.bootstrap_calls,
-                                                    "train_size": result.train_size, "val_size": result.val_size}
-            else:
-                new_version = f"{cfg.run_name}-v{self.steps[:index].count('w')}"
-                result = finetune(program, self.splits.train, self.task.metric, session=session,
-                                  version=new_version, adapter=session.adapter, config=cfg.train,
-                                  out_dir=str(self.state.step_dir(index, code)), seed=cfg.seed,
-                                  max_inflight=max_inflight, current_version=version)
-                program, version = result.program, new_version
-                details = {"adapter_dir": result.adapter_dir, "traces_run": result.traces_run,
-                           "traces_kept": result.traces_kept, "examples": result.examples,
-                           "per_predictor": result.per_predictor, "train": _train_summary(result.train)}
-        except Exception as exc:
-            self.state.event("failed", step=index, strategy=strategy, error=f"{type(exc).__name__}: {exc}")
-            raise
-        return self._record(index, code, program, version, started, usage, details)
-
-    def _record(self, index: int, code: str, program: Any, version: str | None, started: float, usage: Any,
-                details: dict) -> tuple[Any, str | None]:
-        strategy = format_strategy(self.steps[:index])
-        dev = self._evaluate(program, self.splits.dev, f"dev: step {index} ({strategy})")
-        path = self.state.step_dir(index, code) / "program.json"
-        _save_program(program, path)
-        spent = self.session.pool.usage_snapshot().since(usage)
-        record = StepRecord(index=index, code=code, strategy=strategy, version=version, program_path=str(path),
-                            adapter_dir=details.get("adapter_dir"), dev=dev.to_dict(),
-                            wall_s=round(time.time() - started, 2), usage=vars(spent),
-                            trained_tokens=details.get("train", {}).get("trained_tokens", 0), details=details)
-        self.state.add(record)
-        self.state.event("done", step=index, strategy=strategy, dev=dev.score, wall_s=record.wall_s)
-        logger.info("step %d (%s): dev %.1f (%d examples, %d errors) in %.0fs", index, strategy, dev.score, dev.n,
-                    dev.errors, record.wall_s)
-        return program, version
-
-    def _evaluate(self, program: Any, examples: list, desc: str):
-        return evaluate(program, examples, self.task.metric, adapter=self.session.adapter,
-                        max_inflight=self.config.inference.max_inflight, desc=desc)
-
-    # ------------------------------------------------------------ resume and selection
-
-    def _restore(self, record: StepRecord) -> tuple[Any, str | None]:
-        """The program of a finished step, bound to its model version (loading the adapter if needed)."""
-        pool = self.session.pool
-        if record.version is not None and record.version not in pool.adapters:
-            pool.load_adapter(record.version, record.adapter_dir or self._adapter_of(record.version))
-        program = self.task.program(self.config.task)
-        program.load(record.program_path)
-        program.set_lm(self.session.lm(record.version))
-        return program, record.version
-
-    def _adapter_of(self, version: str) -> str:
-        return next(s.adapter_dir for s in self.state.steps if s.version == version and s.adapter_dir)
-
     def _returned_step(self) -> StepRecord:
-        last = self.state.finished(len(self.steps))
-        if self.config.returned == "final":
-            return last
-        # best on dev, the earlier step winning ties (DSPy's BetterTogether)
-        return max(self.state.steps[: len(self.steps) + 1], key=lambda s: (s.dev["score"], -s.index))
+        return returned_step(self.state.steps[: len(self.steps) + 1], self.config.returned)
 
     def _check_resumable(self) -> None:
-        for record in self.state.steps:
-            if record.index > len(self.steps) or (record.index and record.code != self.steps[record.index - 1]):
-                raise ConfigError(f"--resume: finished step {record.index} was {record.strategy!r}, which is not a "
-                                  f"prefix of strategy {self.config.strategy!r}; use that strategy or a new name=")
+        check_resumable(self.state, self.steps, self.config.strategy)
+
+
+def returned_step(records: list[StepRecord], returned: str) -> StepRecord:
+    """The last step (the paper), or the best on dev with the earlier step winning ties (DSPy's BetterTogether)."""
+    if returned == "final":
+        return records[-1]
+    return max(records, key=lambda s: (_sortable(s.dev.get("score")), -s.index))
+
+
+def check_resumable(state: RunState, steps: tuple[str, ...], strategy: str) -> None:
+    for record in state.steps:
+        if record.index > len(steps) or (record.index and record.code != steps[record.index - 1]):
+            raise ConfigError(f"--resume: finished step {record.index} was {record.strategy!r}, which is not a "
+                              f"prefix of strategy {strategy!r}; use that strategy or a new name=")
+
+
+def _sortable(score: float | None) -> float:
+    return float("-inf") if score is None else score
+
+
+def _score_text(score: float | None) -> str:
+    return "not scored (no dev set)" if score is None else f"{score:.1f}"
 
 
 def _save_program(program: Any, path: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from bt_ray.config import RunConfig, to_dict
-from bt_ray.strategy import format_strategy, parse_strategy
+from bt_ray.strategy import format_strategy, split_strategy
 
 
 def write_results(config: RunConfig, state: Any, splits: Any) -> dict[str, Any]:
@@ -17,7 +17,7 @@ def write_results(config: RunConfig, state: Any, splits: Any) -> dict[str, Any]:
         "task": config.task.name,
         "data": {"source": splits.source, "offline": splits.offline, **splits.sizes()},
         "model": config.model.name,
-        "strategy": format_strategy(parse_strategy(config.strategy), "paper"),
+        "strategy": format_strategy(split_strategy(config.strategy), "paper"),
         "seed": config.seed,
         "steps": [_step_row(s) for s in state.steps],
         "test": state.test,
@@ -34,7 +34,7 @@ def _step_row(step: Any) -> dict[str, Any]:
     usage = step.usage or {}
     return {
         "step": step.index,
-        "strategy": format_strategy(parse_strategy(step.strategy), "paper"),
+        "strategy": format_strategy(split_strategy(step.strategy), "paper"),
         "version": step.version or "base",
         "dev": step.dev.get("score"),
         "dev_n": step.dev.get("n"),
@@ -73,7 +73,8 @@ def markdown(results: dict[str, Any]) -> str:
         "|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in results["steps"]:
-        lines.append(f"| {row['step']} | {row['strategy']} | {row['version']} | {row['dev']:.1f} | "
+        dev = "—" if row["dev"] is None else f"{row['dev']:.1f}"
+        lines.append(f"| {row['step']} | {row['strategy']} | {row['version']} | {dev} | "
                      f"{row['dev_errors']}/{row['dev_n']} | {row['wall_s']:.0f} | {row['requests']} | "
                      f"{row['generated_tokens']} | {row['trained_tokens']} |")
     totals = results["totals"]
@@ -84,7 +85,7 @@ def markdown(results: dict[str, Any]) -> str:
     test = results.get("test")
     if test:
         lines += ["", f"**Test: {test['score']:.1f}%** (n={test['n']}, {test['errors']} errors) for the program "
-                      f"returned by step {test['step']} ({format_strategy(parse_strategy(test['strategy']), 'paper')})."]
+                      f"returned by step {test['step']} ({format_strategy(split_strategy(test['strategy']), 'paper')})."]
     return "\n".join(lines) + "\n"
 
 
@@ -97,7 +98,7 @@ def plot_steps(results: dict[str, Any], path: Path) -> None:
     rows = results["steps"]
     labels = [r["strategy"] for r in rows]
     fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(rows) + 1), 3.2))
-    bars = ax.bar(range(len(rows)), [r["dev"] for r in rows], color=["#999" if i == 0 else "#3a7" for i in
+    bars = ax.bar(range(len(rows)), [r["dev"] or 0.0 for r in rows], color=["#999" if i == 0 else "#3a7" for i in
                                                                      range(len(rows))])
     ax.bar_label(bars, fmt="%.1f")
     if results.get("test"):

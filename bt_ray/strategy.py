@@ -38,12 +38,19 @@ def parse_strategy(text: str) -> tuple[str, ...]:
     return tuple(steps)
 
 
+def split_strategy(text: str) -> tuple[str, ...]:
+    """Like parse_strategy, but keys other than p/w ('mipro -> w', from the Python API) are kept as they are."""
+    if text.strip().lower() in VANILLA:
+        return ()
+    return tuple(STEP_CODES.get(part.strip().lower(), part.strip()) for part in re.split(r"->|→", text))
+
+
 def format_strategy(steps: tuple[str, ...], style: str = "code") -> str:
-    """('p', 'w') -> 'p -> w' (code) or 'Π→Θ' (paper); () -> 'vanilla'."""
+    """('p', 'w') -> 'p -> w' (code) or 'Π→Θ' (paper); () -> 'vanilla'. Other keys ('mipro') stay as they are."""
     if not steps:
         return "vanilla"
     if style == "paper":
-        return "→".join({"p": "Π", "w": "Θ"}[s] for s in steps)
+        return "→".join({"p": "Π", "w": "Θ"}.get(s, s) for s in steps)
     return " -> ".join(steps)
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from bt_ray.phases.fanout import Job, run_jobs
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -19,9 +22,13 @@ class EvalResult:
 
 
 def evaluate(program: Any, examples: list, metric: Callable, *, adapter: Any, max_inflight: int,
-             desc: str = "evaluating") -> EvalResult:
+             desc: str = "evaluating", provide_traceback: bool = False) -> EvalResult:
     outcomes = run_jobs([Job(program, ex) for ex in examples], metric, adapter=adapter,
                         max_inflight=max_inflight, desc=desc)
+    if provide_traceback:
+        for i, outcome in enumerate(outcomes):
+            if not outcome.ok:
+                logger.warning("%s: example %d raised:\n%s", desc, i, outcome.traceback or outcome.error)
     return summarize([o.score for o in outcomes], sum(not o.ok for o in outcomes))
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import traceback
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -40,6 +41,7 @@ class Outcome:
     trace: list = field(default_factory=list)
     score: float = 0.0
     error: str | None = None  # the program or metric raised on this example
+    traceback: str | None = None  # its traceback, for provide_traceback
 
     @property
     def ok(self) -> bool:
@@ -94,13 +96,15 @@ def _run_one(job: Job, metric: Callable | None, adapter: Any) -> Outcome:
             prediction = job.program(**job.example.inputs())
         except Exception as exc:
             _reraise_infrastructure(exc)
-            return Outcome(job, trace=list(dspy.settings.trace), error=f"program: {type(exc).__name__}: {exc}")
+            return Outcome(job, trace=list(dspy.settings.trace), error=f"program: {type(exc).__name__}: {exc}",
+                           traceback=traceback.format_exc())
         trace = list(dspy.settings.trace)
     try:
         score = float(metric(job.example, prediction, trace)) if metric else 1.0
     except Exception as exc:
         _reraise_infrastructure(exc)
-        return Outcome(job, prediction, trace, error=f"metric: {type(exc).__name__}: {exc}")
+        return Outcome(job, prediction, trace, error=f"metric: {type(exc).__name__}: {exc}",
+                       traceback=traceback.format_exc())
     return Outcome(job, prediction, trace, score)
 
 

@@ -72,9 +72,13 @@ class PromptResult:
 
 
 def optimize_prompts(program: Any, trainset: list, metric: Callable, *, lm: Any, adapter: Any,
-                     config: PromptConfig, seed: int, max_inflight: int) -> PromptResult:
-    """Return the best of `config.num_candidates` few-shot programs, all bound to `lm`."""
-    train, val = _subsample(trainset, config, seed)
+                     config: PromptConfig, seed: int, max_inflight: int,
+                     valset: list | None = None) -> PromptResult:
+    """Return the best of `config.num_candidates` few-shot programs, all bound to `lm`.
+
+    Candidates are scored on a validation subsample of `trainset`, or on `valset` when one is given.
+    """
+    train, val = _subsample(trainset, config, seed, valset)
     student = program.reset_copy()
     seeds = list(range(-3, config.num_candidates - 3))
     candidates = {-3: _bound(student.reset_copy(), lm)}
@@ -102,7 +106,11 @@ def optimize_prompts(program: Any, trainset: list, metric: Callable, *, lm: Any,
     return PromptResult(candidates[best["seed"]], table, best["seed"], calls, len(train), len(val))
 
 
-def _subsample(trainset: list, config: PromptConfig, seed: int) -> tuple[list, list]:
+def _subsample(trainset: list, config: PromptConfig, seed: int, valset: list | None = None) -> tuple[list, list]:
+    if valset:
+        shuffled = list(trainset)
+        random.Random(seed).shuffle(shuffled)
+        return shuffled[: config.train_size], list(valset)
     need = config.train_size + config.val_size
     if len(trainset) < need:
         raise ValueError(f"prompt.train_size + prompt.val_size = {need} but the train split has "
