@@ -44,9 +44,12 @@ class FakePool:
 class FakeSession:
     """Same surface as bt_ray.session.Session, over a FakePool (no Ray, no model)."""
 
-    def __init__(self, responder=None, model_dir="/fake/model"):
+    def __init__(self, responder=None, model_dir="/fake/model", config=None):
+        from bt_ray.config import RunConfig
         from bt_ray.session import chat_adapter
 
+        self.config = config or RunConfig()
+        self.resume = False
         self.pool = FakePool(responder)
         self.adapter = chat_adapter()
         self.model_dir = model_dir
@@ -59,7 +62,7 @@ class FakeSession:
 
         return contextlib.nullcontext()
 
-    def lm(self, version):
+    def lm(self, version=None):
         from bt_ray.inference.lm import pool_lm
 
         return pool_lm(self.pool, self.model_tag, version, temperature=0.1, max_tokens=64)
