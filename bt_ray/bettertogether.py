@@ -82,8 +82,10 @@ class BetterTogether(Teleprompter):
         valset: scores the starting program and every step; selects the returned program. Without one,
             `valset_ratio` of trainset is held out (a seeded random sample); valset_ratio=0: no scoring, the
             last step's program is returned.
-        teacher: passed to custom optimizers that take one (one module as itself, several as a list);
-            bt-ray's Π and Θ do not take one yet and refuse it.
+        teacher: one program (or a list) of the student's structure. bt-ray's Π bootstraps its demos with it
+            (one teacher), bt-ray's Θ trains on its traces (each teacher's); a teacher keeps its own LMs, and
+            its predictors without one run on the current version. Custom optimizers that take a teacher get
+            it (one module as itself, several as a list).
         num_threads: most program runs in flight at once for scoring and bt-ray's Π and Θ
             (None: the session's inference.max_inflight). Custom optimizers use their own num_threads.
         max_errors: a scoring of the valset in which this many examples raise stops compile

@@ -71,13 +71,14 @@ class Step:
     weights: bool = False
 
 
-def prompt_step(metric: Callable, config: PromptConfig, seed: int, valset: list | None = None) -> Step:
+def prompt_step(metric: Callable, config: PromptConfig, seed: int, valset: list | None = None,
+                teacher: Any = None) -> Step:
     """bt-ray's Π: BootstrapFewShotWithRandomSearch, all bootstraps and candidates fanned out."""
 
     def run(ctx: StepContext) -> StepOutput:
         result = optimize_prompts(ctx.program, ctx.trainset, metric, lm=ctx.session.lm(ctx.version),
                                   adapter=ctx.session.adapter, config=config, seed=seed * 100 + ctx.index,
-                                  max_inflight=ctx.max_inflight, valset=valset)
+                                  max_inflight=ctx.max_inflight, valset=valset, teacher=teacher)
         return StepOutput(result.program, ctx.version, {
             "candidates": result.candidates, "best_seed": result.best_seed, "bootstrap_calls": result.bootstrap_calls,
             "train_size": result.train_size, "val_size": result.val_size})
@@ -85,13 +86,13 @@ def prompt_step(metric: Callable, config: PromptConfig, seed: int, valset: list 
     return Step(run)
 
 
-def finetune_step(metric: Callable | None, config: TrainConfig, seed: int) -> Step:
-    """bt-ray's Θ: traces of the current program -> LoRA on Ray Train -> a new adapter version."""
+def finetune_step(metric: Callable | None, config: TrainConfig, seed: int, teachers: list | None = None) -> Step:
+    """bt-ray's Θ: traces of the current program (or teachers) -> LoRA on Ray Train -> a new adapter version."""
 
     def run(ctx: StepContext) -> StepOutput:
         result = finetune(ctx.program, ctx.trainset, metric, session=ctx.session, version=ctx.new_version,
                           adapter=ctx.session.adapter, config=config, out_dir=str(ctx.step_dir), seed=seed,
-                          max_inflight=ctx.max_inflight, current_version=ctx.version)
+                          max_inflight=ctx.max_inflight, current_version=ctx.version, teachers=teachers)
         return StepOutput(result.program, ctx.new_version, {
             "adapter_dir": result.adapter_dir, "traces_run": result.traces_run, "traces_kept": result.traces_kept,
             "examples": result.examples, "per_predictor": result.per_predictor, "train": _train_summary(result.train)})

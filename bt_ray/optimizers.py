@@ -76,18 +76,22 @@ def build_step(key: str, optimizer: Teleprompter, *, metric: Callable, config: R
                args: dict[str, Any]) -> Step:
     """The Step for one key. `args`: trainset/teacher/valset overrides and the optimizer's compile arguments."""
     trainset = args.get("trainset")
-    if isinstance(optimizer, PromptOptimizer | LoRAFinetune | BootstrapFinetune) and args.get("teacher"):
-        raise ConfigError(f"optimizer {key!r}: bt-ray's Π and Θ bootstrap from the student itself; a teacher= is "
-                          f"not supported for them yet (a custom DSPy optimizer under another key gets it)")
+    teacher = args.get("teacher")
+    teachers = None if teacher is None else (teacher if isinstance(teacher, list) else [teacher])
     if isinstance(optimizer, PromptOptimizer):
+        if teachers and len(teachers) > 1:
+            raise ConfigError(f"optimizer {key!r} (bt-ray's Π) bootstraps from one teacher, as "
+                              f"BootstrapFewShot does; got {len(teachers)}")
         prompt = dataclasses.replace(config.prompt, **optimizer.overrides)
-        return _with_trainset(prompt_step(optimizer.metric or metric, prompt, seed, args.get("valset")), trainset)
+        step = prompt_step(optimizer.metric or metric, prompt, seed, args.get("valset"),
+                           teachers[0] if teachers else None)
+        return _with_trainset(step, trainset)
     if isinstance(optimizer, LoRAFinetune):
         train = dataclasses.replace(config.train, **optimizer.overrides)
-        return _with_trainset(finetune_step(optimizer.metric or metric, train, seed), trainset)
+        return _with_trainset(finetune_step(optimizer.metric or metric, train, seed, teachers), trainset)
     if isinstance(optimizer, BootstrapFinetune):
         overrides = _bootstrap_finetune_settings(key, optimizer)
-        step = finetune_step(optimizer.metric, dataclasses.replace(config.train, **overrides), seed)
+        step = finetune_step(optimizer.metric, dataclasses.replace(config.train, **overrides), seed, teachers)
         if optimizer.exclude_demos:  # DSPy's BootstrapFinetune also drops the demos of the program it returns
             step = _dropping_demos(step)
         return _with_trainset(_with_inflight(step, optimizer.num_threads), trainset)

@@ -36,10 +36,14 @@ class FinetuneResult:
 
 
 def collect_examples(program: Any, trainset: list, metric: Callable, *, adapter: Any, config: TrainConfig,
-                     max_inflight: int) -> tuple[list[list[dict]], dict[str, Any]]:
-    """Run the program on `trainset`; chat examples from every predictor call of each passing trace."""
-    outcomes = run_jobs([Job(program, ex) for ex in trainset], metric, adapter=adapter,
-                        max_inflight=max_inflight, desc=f"Θ: collecting traces on {len(trainset)} examples")
+                     max_inflight: int, teachers: list | None = None) -> tuple[list[list[dict]], dict[str, Any]]:
+    """Run the program (or each teacher) on `trainset`; chat examples from every predictor call of each
+    passing trace."""
+    sources = teachers or [program]
+    outcomes = run_jobs([Job(source, ex) for source in sources for ex in trainset], metric, adapter=adapter,
+                        max_inflight=max_inflight,
+                        desc=f"Θ: collecting traces on {len(trainset)} examples"
+                             + (f" x {len(sources)} teachers" if teachers else ""))
     kept = [o for o in outcomes if o.ok and o.score >= config.metric_threshold]
     examples, per_predictor = [], {}
     for outcome in kept:
@@ -71,13 +75,19 @@ def trace_messages(program: Any, trace: list, adapter: Any, include_demos: bool)
 
 def finetune(program: Any, trainset: list, metric: Callable, *, session: Any, version: str, adapter: Any,
              config: TrainConfig, out_dir: str, seed: int, max_inflight: int,
-             current_version: str | None = None) -> FinetuneResult:
+             current_version: str | None = None, teachers: list | None = None) -> FinetuneResult:
     """Θ for `program` (bound to `current_version`); returns it bound to the new `version`.
 
     After an earlier Θ the current adapter keeps training (Θ→Θ optimizes the same weights twice).
+    With `teachers` (programs of the same structure), their traces are the training data (as in
+    BootstrapFinetune); their predictors without an LM run on `current_version`.
     """
+    if teachers:
+        teachers = [teacher.deepcopy() for teacher in teachers]
+        for predictor in (p for teacher in teachers for p in teacher.predictors()):
+            predictor.lm = predictor.lm or session.lm(current_version)
     examples, stats = collect_examples(program, trainset, metric, adapter=adapter, config=config,
-                                       max_inflight=max_inflight)
+                                       max_inflight=max_inflight, teachers=teachers)
     if not examples:
         raise TrainingError(
             f"no traces passed the metric (threshold {config.metric_threshold:g}) on {len(trainset)} train "

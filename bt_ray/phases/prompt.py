@@ -73,10 +73,12 @@ class PromptResult:
 
 def optimize_prompts(program: Any, trainset: list, metric: Callable, *, lm: Any, adapter: Any,
                      config: PromptConfig, seed: int, max_inflight: int,
-                     valset: list | None = None) -> PromptResult:
+                     valset: list | None = None, teacher: Any = None) -> PromptResult:
     """Return the best of `config.num_candidates` few-shot programs, all bound to `lm`.
 
     Candidates are scored on a validation subsample of `trainset`, or on `valset` when one is given.
+    `teacher` (a program of the same structure) bootstraps the demos instead of the student, as in
+    BootstrapFewShot; its predictors without an LM run on `lm`.
     """
     train, val = _subsample(trainset, config, seed, valset)
     student = program.reset_copy()
@@ -87,7 +89,7 @@ def optimize_prompts(program: Any, trainset: list, metric: Callable, *, lm: Any,
         candidates[-2] = _bound(labeled, lm)
     # The candidates that need no bootstrap are scored alongside the first bootstrap wave.
     early = [Job(candidates[s], ex, tag=s) for s in candidates for ex in val]
-    plans = [_plan(s, train, config, seed, student, lm) for s in seeds if s >= -1]
+    plans = [_plan(s, train, config, seed, student, lm, teacher) for s in seeds if s >= -1]
     calls, outcomes = _bootstrap(plans, metric, config, adapter, max_inflight, early)
     for plan in plans:
         candidates[plan.seed] = _bound(_assemble(student, plan, config), lm)
@@ -120,16 +122,23 @@ def _subsample(trainset: list, config: PromptConfig, seed: int, valset: list | N
     return shuffled[: config.train_size], shuffled[config.train_size: need]
 
 
-def _plan(s: int, train: list, config: PromptConfig, run_seed: int, student: Any, lm: Any) -> Plan:
+def _plan(s: int, train: list, config: PromptConfig, run_seed: int, student: Any, lm: Any,
+          teacher: Any = None) -> Plan:
     order = list(train)
     size = config.max_bootstrapped_demos
     if s >= 0:  # DSPy seeds its shuffle and size with the candidate seed; the run seed offsets it
         random.Random(s + 1000 * run_seed).shuffle(order)
         size = random.Random(s + 1000 * run_seed).randint(1, config.max_bootstrapped_demos)
-    teacher = student.reset_copy()
-    if config.max_labeled_demos:
-        teacher = dspy.LabeledFewShot(k=config.max_labeled_demos).compile(teacher, trainset=order)
-    return Plan(s, order, size, _bound(teacher, lm))
+    # BootstrapFewShot: the teacher (default: the student) gets labeled demos unless it is already compiled.
+    # Unlike DSPy's reset_copy there, a teacher keeps its own LMs; its predictors without one run on `lm`.
+    compiled = teacher is not None and getattr(teacher, "_compiled", False)
+    own_lms = {name: p.lm for name, p in teacher.named_predictors()} if teacher is not None else {}
+    teacher = teacher.deepcopy() if teacher is not None else student.reset_copy()
+    if config.max_labeled_demos and not compiled:
+        teacher = dspy.LabeledFewShot(k=config.max_labeled_demos).compile(teacher.reset_copy(), trainset=order)
+    for name, predictor in teacher.named_predictors():
+        predictor.lm = own_lms.get(name) or lm
+    return Plan(s, order, size, teacher)
 
 
 def _bootstrap(plans: list[Plan], metric: Callable, config: PromptConfig, adapter: Any, max_inflight: int,

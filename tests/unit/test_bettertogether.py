@@ -12,7 +12,9 @@ from bt_ray.config import TaskConfig, load_config
 from bt_ray.errors import BtRayError, ConfigError
 from bt_ray.tasks.iris import IrisProgram, load_splits, metric
 
-from .fakes import FakeSession
+from bt_ray.inference.lm import pool_lm
+
+from .fakes import FakePool, FakeSession, unique_tag
 from .test_driver import fake_trainer  # noqa: F401  (fixture)
 from .test_prompt_phase import noisy_classifier
 
@@ -214,10 +216,38 @@ def test_max_errors_stops_compile_and_none_counts_them(session):
     assert [c["score"] for c in compiled.candidate_programs] == [0.0, 0.0]
 
 
-def test_teacher_is_refused_by_bt_rays_own_steps(session):
-    with pytest.raises(ConfigError, match="teacher"):
-        bt_ray.BetterTogether(metric=metric).compile(IrisProgram(), trainset=TRAIN, teacher=IrisProgram(),
-                                                     strategy="p")
+def test_teacher_bootstraps_pi_and_gives_theta_its_traces(session, monkeypatch):
+    """A teacher on its own (fake) model that answers from the labels: Π bootstraps with it and Θ's
+    training examples are its answers, not the student's."""
+    fields = ("petal_length", "petal_width", "sepal_length", "sepal_width")
+    labels = {tuple(ex[f] for f in fields): ex.answer for ex in TRAIN}
+
+    def knows(request):
+        last = request.messages[-1]["content"]
+        key = tuple(last.split(f"[[ ## {f} ## ]]\n")[1].split("\n")[0] for f in fields)
+        return f"[[ ## reasoning ## ]]\nknown\n\n[[ ## answer ## ]]\n{labels.get(key, 'none')}\n\n"
+
+    teacher, teacher_pool = IrisProgram(), FakePool(knows)
+    teacher.set_lm(pool_lm(teacher_pool, unique_tag(), None, temperature=0.1, max_tokens=64))
+    trained = []
+    monkeypatch.setattr("bt_ray.phases.finetune.train_lora",
+                        lambda examples, *a, **k: trained.append(examples) or fake_trainer_result(k["name"]))
+    optimizer = bt_ray.BetterTogether(metric=metric)
+    optimizer.compile(IrisProgram(), trainset=TRAIN, valset=VAL, teacher=teacher, strategy="p")
+    pi_calls = optimizer.results["steps"][1]["details"]["bootstrap_calls"]
+    assert pi_calls > 0 and len(teacher_pool.requests) == pi_calls  # Π bootstrapped on the teacher's model only
+    optimizer.compile(IrisProgram(), trainset=TRAIN, valset=VAL, teacher=teacher, strategy="w")
+    assert len(trained[0]) >= len(TRAIN) - 2  # (nearly) every teacher trace passed
+    assert all("known" in messages[-1]["content"] for messages in trained[0])
+    with pytest.raises(ConfigError, match="one teacher"):
+        optimizer.compile(IrisProgram(), trainset=TRAIN, teacher=[teacher, teacher.deepcopy()], strategy="p")
+
+
+def fake_trainer_result(name):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(adapter_dir=f"/fake/{name}", examples=1, dropped=0, trained_tokens=1, total_tokens=1,
+                           steps=1, losses=[1.0], wall_s=0.0, workers=1)
 
 
 def test_valset_hold_out_is_seeded_and_keeps_train_order():
