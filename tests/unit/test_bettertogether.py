@@ -256,3 +256,26 @@ def test_valset_hold_out_is_seeded_and_keeps_train_order():
     assert train == [x for x in TRAIN if x not in val]
     assert _split(TRAIN, None, 0.0, seed=1) == (TRAIN, None)
     assert _split(TRAIN, VAL, 0.5, seed=1) == (TRAIN, VAL)
+
+
+def test_a_failing_step_raises_and_resume_continues_after_the_last_finished_one(session):
+    session.config.name = "mine"
+    a, calls = Same(), []
+
+    class Flaky(Teleprompter):
+        def compile(self, student, *, trainset):
+            calls.append(len(trainset))
+            if len(calls) == 1:
+                raise RuntimeError("killed")
+            return student
+
+    optimizer = bt_ray.BetterTogether(metric=metric, a=a, b=Flaky())
+    with pytest.raises(RuntimeError, match="killed"):
+        optimizer.compile(IrisProgram(), trainset=TRAIN, valset=VAL, strategy="a -> b")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        optimizer.compile(IrisProgram(), trainset=TRAIN, valset=VAL, strategy="a -> b")
+    session.resume = True
+    compiled = optimizer.compile(IrisProgram(), trainset=TRAIN, valset=VAL, strategy="a -> b")
+    assert len(a.calls) == 1 and len(calls) == 2  # 'a' was not run again
+    assert [c["strategy"] for c in compiled.candidate_programs] == ["", "a", "a -> b"]
+    assert optimizer.run_dir.name == "mine"
