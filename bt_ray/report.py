@@ -84,8 +84,9 @@ def markdown(results: dict[str, Any]) -> str:
                   "follow DSPy's output format); they score 0."]
     test = results.get("test")
     if test:
+        returned = format_strategy(split_strategy(test["strategy"]), "paper")
         lines += ["", f"**Test: {test['score']:.1f}%** (n={test['n']}, {test['errors']} errors) for the program "
-                      f"returned by step {test['step']} ({format_strategy(split_strategy(test['strategy']), 'paper')})."]
+                      f"returned by step {test['step']} ({returned})."]
     return "\n".join(lines) + "\n"
 
 

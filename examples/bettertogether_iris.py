@@ -1,6 +1,6 @@
 """A dspy.BetterTogether script moved to bt-ray: one import changed, plus a session for the cluster.
 
-    python examples/bettertogether_iris.py                   # Π→Θ→Π on Iris, shipped SmolLM2-135M, minutes on 2 CPUs
+    python examples/bettertogether_iris.py                   # Π→Θ→Π on Iris with the shipped SmolLM2-135M
     python examples/bettertogether_iris.py --strategy "p -> w"
     RAY_ADDRESS=auto python examples/bettertogether_iris.py  # join a running Ray cluster instead of starting one
 
@@ -8,6 +8,7 @@ Subsamples are small so the laptop run takes a few minutes; drop the overrides f
 """
 
 import argparse
+import logging
 
 import dspy
 
@@ -28,6 +29,9 @@ def main() -> None:
     parser.add_argument("--strategy", default="p -> w -> p")
     parser.add_argument("--output-dir", default="runs")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("dspy", "LiteLLM", "httpx", "filelock"):  # one line per unparsable answer is too many
+        logging.getLogger(noisy).setLevel(logging.ERROR)
 
     splits = load_splits(TaskConfig(), seed=0)  # scikit-learn's Iris, 50 / 50 / 50
     trainset, valset, testset = splits.train[:30], splits.dev[:15], splits.test[:20]
