@@ -105,7 +105,11 @@ class BetterTogether(Teleprompter):
         for key in dict.fromkeys(parsed):
             check_supported(key, self.optimizers[key])
 
-        session = current_session() or init()
+        session = current_session()
+        if session is None:
+            logger.info("no bt-ray session: starting one with the default config (call bt_ray.init(...) to choose "
+                        "the model and cluster); it stays up until bt_ray.shutdown() or the end of the process")
+            session = init()
         start_version = _student_version(student, session)
         seed = session.config.seed if seed is None else seed
         trainset, valset = _split(trainset, valset, valset_ratio, seed)

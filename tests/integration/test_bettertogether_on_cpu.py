@@ -11,7 +11,7 @@ from bt_ray.tasks.iris import IrisProgram, load_splits, metric
 pytestmark = pytest.mark.integration
 
 SMALL = [
-    "prompt.train_size=8", "prompt.val_size=8", "prompt.num_candidates=3",
+    "prompt.train_size=6", "prompt.val_size=6", "prompt.num_candidates=3",
     "inference.max_tokens=80", "inference.cpus_per_replica=1", "train.cpus_per_worker=1",
     # A few traces only: small batches, one epoch, a larger step, every trace kept (the plumbing is tested).
     "train.epochs=1", "train.learning_rate=5e-4", "train.batch_size=2", "train.metric_threshold=0",
@@ -20,7 +20,7 @@ SMALL = [
 
 def test_compile_p_w_on_the_shipped_model(ray_cluster, tmp_path):
     splits = load_splits(TaskConfig(), seed=0)
-    trainset, valset = splits.train[:20], splits.dev[:8]
+    trainset, valset = splits.train[:16], splits.dev[:6]
     with bt_ray.init(None, [*SMALL, f"output_dir={tmp_path}"]) as session:
         student = IrisProgram()
         student.set_lm(session.lm())  # the pool as a dspy.LM, base model
