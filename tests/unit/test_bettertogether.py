@@ -279,3 +279,15 @@ def test_a_failing_step_raises_and_resume_continues_after_the_last_finished_one(
     assert len(a.calls) == 1 and len(calls) == 2  # 'a' was not run again
     assert [c["strategy"] for c in compiled.candidate_programs] == ["", "a", "a -> b"]
     assert optimizer.run_dir.name == "mine"
+
+
+def test_pi_selects_on_a_trainset_subsample_unless_given_a_valset_for_its_key(session):
+    optimizer = bt_ray.BetterTogether(metric=metric)
+    optimizer.compile(IrisProgram(), trainset=TRAIN, valset=VAL, strategy="p")
+    assert optimizer.results["steps"][1]["details"]["val_size"] == 10  # prompt.val_size, not the 20 of valset
+    optimizer.compile(IrisProgram(), trainset=TRAIN, valset=VAL, strategy="p",
+                      optimizer_compile_args={"p": {"valset": VAL[:5]}})
+    assert optimizer.results["steps"][1]["details"]["val_size"] == 5
+    with pytest.raises(ConfigError, match="which has 7"):  # the key's own trainset is the one Π gets
+        optimizer.compile(IrisProgram(), trainset=TRAIN, valset=VAL, strategy="p",
+                          optimizer_compile_args={"p": {"valset": VAL[:5], "trainset": TRAIN[:7]}})
