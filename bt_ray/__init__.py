@@ -1,7 +1,7 @@
 """bt-ray: BetterTogether (prompt optimization + LoRA fine-tuning of DSPy programs) at scale on Ray.
 
     import bt_ray
-    with bt_ray.init("configs/quickstart.yaml") as session:     # Ray, the model, the inference pool
+    with bt_ray.init(None, ["train.epochs=2"]) as session:      # Ray, the model, the inference pool
         student.set_lm(session.lm())                             # a dspy.LM whose calls go to the pool
         compiled = bt_ray.BetterTogether(metric=metric).compile(student, trainset=trainset, strategy="p -> w")
 """

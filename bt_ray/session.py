@@ -8,7 +8,7 @@ The CLI's driver and scripts use the same object. Notebooks and scripts get one
 with `bt_ray.init(...)`, which also makes it the session `bt_ray.BetterTogether`
 runs on (started with defaults on first use if there is none):
 
-    with bt_ray.init("configs/quickstart.yaml", ["train.epochs=2"]) as s:
+    with bt_ray.init("configs/iris.yaml", ["train.epochs=2"]) as s:
         program.set_lm(s.lm())
         compiled = bt_ray.BetterTogether(metric=metric).compile(program, trainset=trainset)
 """
