@@ -116,7 +116,7 @@ def init(config: RunConfig | str | Path | None = None, overrides: list[str] | tu
          resume: bool = False) -> Session:
     """Start bt-ray's session: join or start Ray, load the model, start the inference pool.
 
-    `config` is a RunConfig, a YAML path (configs/quickstart.yaml) or None for the defaults; `overrides` are
+    `config` is a RunConfig, a YAML path (configs/iris.yaml) or None for the defaults; `overrides` are
     `dotted.key=value` strings as on the command line. With `resume=True` and `name=` set, a
     BetterTogether.compile continues the run of that name. Returns the session, which is also a context
     manager (`with bt_ray.init(...) as s:` shuts it down at the end); otherwise `bt_ray.shutdown()` or the
