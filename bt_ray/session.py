@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import atexit
 import logging
-from contextlib import contextmanager
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
