@@ -78,8 +78,9 @@ class InferencePool:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # a replica joined or a replacement failed
         self._adapters_lock = threading.Lock()  # adapter loads and replica replacements, one at a time
-        self._replacing: dict[str, threading.Thread] = {}
-        self._failures: list[str] = []  # replacements that failed: why
+        self._replacing: set[str] = set()  # replica ids whose replacement is starting
+        self._failures: list[str] = []  # why replicas are missing: failed replacements, restarts used up
+        self._closed = False  # shut down: a replacement that starts late is killed
         self._ids = itertools.count()
         self._slots = itertools.count(config.inference.replicas)  # actor names of replacements
         self.router: Router | None = None
@@ -107,6 +108,7 @@ class InferencePool:
 
         with self._lock:
             actors, self.replicas = list(self.replicas.values()), {}
+            self._closed = True
             self._failures.append("the pool was shut down")
             self._changed.notify_all()
         for actor in actors:
@@ -273,10 +275,9 @@ class InferencePool:
                 return
             logger.warning("%s died (%r); %d live replica(s) serve while a new one starts",
                            replica_id, cause, len(self.replicas))
-            thread = threading.Thread(target=self._start_replacement, args=(replica_id,),
-                                      name=f"replace-{replica_id}", daemon=True)
-            self._replacing[replica_id] = thread
-        thread.start()
+            self._replacing.add(replica_id)
+        threading.Thread(target=self._start_replacement, args=(replica_id,), name=f"replace-{replica_id}",
+                         daemon=True).start()
 
     def _start_replacement(self, replica_id: str) -> None:
         import ray
@@ -292,7 +293,7 @@ class InferencePool:
                 if self.asleep:  # placement timeshare, during Θ: free the GPU like the others
                     ray.get(actor.sleep.remote())
                 with self._lock:
-                    if any("shut down" in f for f in self._failures):
+                    if self._closed:
                         ray.kill(actor)
                         return
                     self.replicas[replica_id] = actor
@@ -305,7 +306,7 @@ class InferencePool:
                 self._failures.append(f"replacing {replica_id} failed: {type(exc).__name__}: {exc}")
         finally:
             with self._lock:
-                self._replacing.pop(replica_id, None)
+                self._replacing.discard(replica_id)
                 self._changed.notify_all()
 
 
