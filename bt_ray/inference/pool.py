@@ -138,17 +138,24 @@ class InferencePool:
             self._on_every_replica("wake", lambda actor: actor.wake.remote())
             self.asleep = False
 
-    def _on_every_replica(self, what: str, call) -> None:
+    def _on_every_replica(self, what: str, call, error: type[Exception] = EngineError) -> int:
+        """`call(actor)` on every live replica, waiting for all. A replica that died is replaced (its
+        replacement joins with every adapter version, asleep if the pool is) instead of failing the call;
+        any other failure raises `error` naming the replica. Callers hold `_adapters_lock`."""
         import ray
+        from ray.exceptions import RayActorError
 
         with self._lock:
-            refs = {rid: call(actor) for rid, actor in self.replicas.items()}
-        for rid, ref in refs.items():
+            refs = {rid: (actor, call(actor)) for rid, actor in self.replicas.items()}
+        for rid, (actor, ref) in refs.items():
             try:
                 ray.get(ref, timeout=self.config.inference.request_timeout_s)
+            except RayActorError as exc:
+                self._replace(rid, actor, exc)
             except Exception as exc:
-                raise EngineError(f"{rid} failed to {what}: {type(exc).__name__}: {exc}") from exc
+                raise error(f"{rid} failed to {what}: {type(exc).__name__}: {exc}") from exc
         logger.info("%d replica(s): %s", len(refs), what)
+        return len(refs)
 
     # ------------------------------------------------------------ calls
 
@@ -221,32 +228,18 @@ class InferencePool:
 
     def load_adapter(self, name: str, path: str) -> None:
         """Load a new adapter version on every replica; a name is never reused (stale caches)."""
-        import ray
-        from ray.exceptions import RayActorError
-
         if name in self.adapters:
             raise AdapterError(f"adapter version {name!r} is already loaded; each fine-tune gets a new name")
         with self._adapters_lock:  # a replacement started meanwhile loads it too
-            with self._lock:
-                refs = {rid: (actor, actor.load_adapter.remote(name, path)) for rid, actor in self.replicas.items()}
-            for rid, (actor, ref) in refs.items():
-                try:
-                    ray.get(ref)
-                except RayActorError as exc:  # its replacement loads every version first
-                    self._replace(rid, actor, exc)
-                except Exception as exc:
-                    raise AdapterError(f"{rid} could not load adapter {name!r} from {path}: {exc}") from exc
+            self._on_every_replica(f"load adapter {name!r} from {path}",
+                                   lambda actor: actor.load_adapter.remote(name, path), AdapterError)
             self.adapters[name] = path
-        logger.info("adapter %s loaded on %d replica(s)", name, len(refs))
 
     def unload_adapter(self, name: str) -> None:
-        import ray
-
         with self._adapters_lock:
             self.adapters.pop(name, None)
-            with self._lock:
-                actors = list(self.replicas.values())
-            ray.get([actor.unload_adapter.remote(name) for actor in actors])
+            self._on_every_replica(f"unload adapter {name!r}", lambda actor: actor.unload_adapter.remote(name),
+                                   AdapterError)
 
     def health(self) -> list[dict]:
         import ray

@@ -54,7 +54,7 @@ def random_lora(model_dir, path) -> str:
 
 
 def test_a_killed_replica_loses_no_request_and_is_replaced_with_every_adapter(session, model_dir, tmp_path):
-    """Last in this module: it kills replica-0 of the shared session."""
+    """Near the end of this module: it kills replica-0 of the shared session."""
     import ray
 
     pool = session.pool
@@ -91,3 +91,25 @@ def test_a_killed_replica_loses_no_request_and_is_replaced_with_every_adapter(se
         again = list(threads.map(pool.generate, requests))
     assert [r.text for r in again] == [r.text for r in results]
     assert {h["replica"]: h["requests"] > 0 for h in pool.health()} == {"replica-0": True, "replica-1": True}
+
+
+def test_a_replica_dead_when_an_adapter_loads_is_replaced_not_an_error(session, model_dir, tmp_path):
+    """Last in this module: it kills replica-1. Loading a version, sleeping or waking skips a dead replica
+    and its replacement joins with every version (the router may not have noticed the death yet)."""
+    import ray
+
+    pool = session.pool
+    victim = pool.replicas["replica-1"]
+    ray.kill(victim, no_restart=True)
+    pool.load_adapter("pooltest-v2", random_lora(model_dir, tmp_path / "lora2"))
+    assert pool.restarts[-1]["replica"] == "replica-1"
+    for _ in range(240):
+        if len(pool.replicas) == 2:
+            break
+        time.sleep(0.5)
+    assert pool.replicas["replica-1"] is not victim
+    health = {h["replica"]: h for h in pool.health()}
+    assert sorted(health["replica-1"]["adapters"]) == ["pooltest-v1", "pooltest-v2"]
+    request = GenerationRequest(({"role": "user", "content": "Say hi."},), SamplingParams(temperature=0.0,
+                                max_tokens=4), adapter="pooltest-v2", request_id="after")
+    assert pool.generate(request).adapter == "pooltest-v2"
