@@ -93,7 +93,8 @@ class InferenceConfig:
     top_p: float = opt(1.0, "nucleus sampling cutoff")
     max_tokens: int = opt(256, "most tokens generated per call")
     max_inflight: int = opt(64, "most program runs in flight at once across the pool (fan-out bound)")
-    request_timeout_s: float = opt(600.0, "a request not answered in this time fails with the replica named")
+    request_timeout_s: float = opt(600.0, "a request not answered in this time fails, naming the replica, "
+                                              "unless that replica is still making progress (a long queue)")
     request_retries: int = opt(2, "times a request whose replica died is resent to a live replica")
     replica_restarts: int = opt(3, "dead replicas the pool replaces in one run before it gives up")
     vllm: VLLMConfig = field(default_factory=VLLMConfig)

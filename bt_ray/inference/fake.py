@@ -2,7 +2,8 @@
 
 It implements the engine protocol without a model. The answer is a function of
 the last user message and the adapter name, so tests can check routing,
-batching and adapter versioning without weights.
+batching and adapter versioning without weights. A last message starting with
+`fake-sleep:<seconds>` is answered that much later (tests of busy and hung replicas).
 """
 
 from __future__ import annotations
@@ -37,8 +38,10 @@ class FakeEngine:
             raise RuntimeError("engine is asleep; call wake() first")
         if request.adapter is not None and request.adapter not in self.adapters:
             raise KeyError(f"adapter {request.adapter!r} is not loaded")
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s)
+        last = request.messages[-1]["content"]
+        delay = float(last.split()[0].removeprefix("fake-sleep:")) if last.startswith("fake-sleep:") else 0.0
+        if self.delay_s or delay:
+            await asyncio.sleep(self.delay_s + delay)
         text = self.responder(request)
         self.served += 1
         prompt_tokens = sum(len(m["content"].split()) for m in request.messages)

@@ -192,14 +192,30 @@ class InferencePool:
 
     def _call(self, replica_id: str, actor, request: GenerationRequest) -> GenerationResult:
         import ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import GetTimeoutError, RayActorError
 
+        timeout = self.config.inference.request_timeout_s
         try:
             ref = actor.generate.remote(request)
-            return ray.get(ref, timeout=self.config.inference.request_timeout_s)
+            progress = None
+            while True:  # a replica busy with a long queue is waited for; one that stopped moving is not
+                try:
+                    return ray.get(ref, timeout=timeout if progress is None else min(timeout, 60.0))
+                except GetTimeoutError:
+                    now = _progress(actor, timeout)
+                    if now is None or now == progress:
+                        raise EngineError(
+                            f"{replica_id} gave no answer to request {request.request_id} in "
+                            f"inference.request_timeout_s={timeout:g}s and its work counters stood still "
+                            f"({now or 'health did not answer'}); it looks hung") from None
+                    logger.warning("request %s: no answer from %s in %.0fs, but it is still working (%s); waiting",
+                                   request.request_id, replica_id, timeout, now)
+                    progress = now
         except RayActorError as exc:
             self._replace(replica_id, actor, exc)
             raise ReplicaDied(exc) from exc
+        except EngineError:
+            raise
         except Exception as exc:
             raise EngineError(
                 f"{replica_id} failed request {request.request_id} (model version {request.adapter or 'base'}, "
@@ -301,6 +317,18 @@ class InferencePool:
             with self._lock:
                 self._replacing.discard(replica_id)
                 self._changed.notify_all()
+
+
+def _progress(actor, timeout: float) -> dict | None:
+    """A replica's work counters (prefills, decode steps, requests finished), or None if it does not answer.
+    A hung replica's counters stand still; a busy one's move even while a given request waits in its queue."""
+    import ray
+
+    try:
+        health = ray.get(actor.health.remote(), timeout=min(timeout, 30.0))
+    except Exception:
+        return None
+    return {key: health[key] for key in ("batches", "decode_steps", "requests", "served") if key in health}
 
 
 class ReplicaDied(Exception):

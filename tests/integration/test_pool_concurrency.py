@@ -35,3 +35,26 @@ def test_200_concurrent_requests_none_lost_or_swapped(ray_cluster, tmp_path):
         served = [h["served"] for h in pool.health()]
         assert len(served) == 2 and sum(served) == 200 and min(served) > 0, served
         assert pool.router.load() == {"replica-0": 0, "replica-1": 0}
+
+
+def test_a_busy_replica_is_waited_for_and_a_hung_one_is_named(ray_cluster, tmp_path):
+    """request_timeout_s detects a replica that stopped working, not one with a long queue."""
+    from bt_ray.errors import EngineError
+
+    config = load_config(None, ["inference.engine=fake", "inference.cpus_per_replica=0.5",
+                                "inference.request_timeout_s=1", f"output_dir={tmp_path}"])
+    with Session(config, "timeouts") as session:
+        pool = session.pool
+        slow = GenerationRequest(({"role": "user", "content": "fake-sleep:4 slow question"},), request_id="slow")
+        quick = GenerationRequest(({"role": "user", "content": "fake-sleep:0.2 quick"},))
+        with ThreadPoolExecutor(2) as threads:
+            waiting = threads.submit(pool.generate, slow)
+            served = 0
+            while not waiting.done():  # other requests keep finishing on the same replica while `slow` waits
+                pool.generate(quick)
+                served += 1
+            assert waiting.result().request_id == "slow"  # 4 s > request_timeout_s, answered anyway
+            assert served >= 10
+        hung = GenerationRequest(({"role": "user", "content": "fake-sleep:30 hung"},), request_id="hung")
+        with pytest.raises(EngineError, match=r"replica-0 gave no answer to request hung .*stood still"):
+            pool.generate(hung)
