@@ -139,6 +139,7 @@ class BetterTogether(Teleprompter):
         programs = loop.run()
         source = f"BetterTogether.compile: trainset {len(trainset)}, valset {len(valset) if valset else 0}"
         self.results = write_results(config, state, Splits(trainset, valset or [], [], source=source))
+        state.sync()  # results to a URI output_dir
         return self._returned(programs, state, parsed, has_valset=bool(valset))
 
     # ------------------------------------------------------------ DSPy's checks, same messages

@@ -145,7 +145,8 @@ class PlacementConfig:
 class RunConfig:
     strategy: str = opt("p -> w -> p", "phases: 'p' prompt optimization, 'w' LoRA; '->' separated, or Π→Θ→Π")
     seed: int = opt(0, "drives the data splits and prompt optimization's random search")
-    output_dir: str = opt("runs", "runs are written to output_dir/name")
+    output_dir: str = opt("runs", "runs are written to output_dir/name: a path (on a cluster, a shared filesystem) "
+                          "or an object-store URI (s3://, gs://, abfs://), credentials from the environment")
     name: str | None = opt(None, "run name (None = <task>-<strategy>-s<seed>)")
     ray_address: str | None = opt(None, "Ray cluster to join (None: RAY_ADDRESS, else start a local one)")
     returned: Literal["final", "best_dev"] = opt(
@@ -167,7 +168,10 @@ class RunConfig:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.output_dir).expanduser() / self.run_name
+        """output_dir/name, or for a URI output_dir the run's local working copy (bt_ray.storage)."""
+        from bt_ray.storage import local_run_dir
+
+        return local_run_dir(self.output_dir, self.run_name)
 
 
 # ---------------------------------------------------------------- loading
@@ -298,6 +302,7 @@ def _closest(word: str, options: list[str]) -> str | None:
 
 def validate(config: RunConfig) -> list[str]:
     """Value checks that need no model, no data and no cluster."""
+    from bt_ray.storage import uri_problems
     from bt_ray.strategy import StrategyError, parse_strategy
     from bt_ray.tasks import TASKS
 
@@ -307,6 +312,7 @@ def validate(config: RunConfig) -> list[str]:
     except StrategyError as exc:
         problems.append(f"strategy: {exc}")
     problems.extend(_task_problems(config.task, TASKS))
+    problems.extend(uri_problems(config.output_dir))
     for name in ("train_size", "dev_size", "test_size"):
         value = getattr(config.task, name)
         if value is not None and value < 1:

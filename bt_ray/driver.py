@@ -291,7 +291,9 @@ class Driver:
             self.state.test = {"step": returned.index, "strategy": returned.strategy, **test.to_dict()}
             self.state.save()
             self.state.event("test", **self.state.test)
-        return write_results(self.config, self.state, self.splits)
+        results = write_results(self.config, self.state, self.splits)
+        self.state.sync()  # results to a URI output_dir
+        return results
 
     def _returned_step(self) -> StepRecord:
         return returned_step(self.state.steps[: len(self.steps) + 1], self.config.returned)

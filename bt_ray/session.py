@@ -24,6 +24,7 @@ from typing import Any, Iterator
 
 import dspy
 
+from bt_ray import storage
 from bt_ray.config import RunConfig, load_config, validate
 from bt_ray.errors import BtRayError, ConfigError
 from bt_ray.inference import placement
@@ -57,6 +58,8 @@ class Session:
             return self
         self._owns_ray = placement.connect(self.config.ray_address)
         placement.check_resources(self.config, placement.cluster_totals())
+        # Several nodes: a plain output_dir must be one directory on all of them (adapters, checkpoints).
+        storage.check_shared(self.config.output_dir, placement.alive_nodes(), placement.marker_visible)
         if self.cache_dir is not None:  # DSPy's response cache lives with the run: resume reuses it
             dspy.configure_cache(enable_disk_cache=True, enable_memory_cache=True, disk_cache_dir=str(self.cache_dir))
         self.model_dir = resolve_model(self.config.model.name, self.config.model.cache_dir)

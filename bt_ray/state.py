@@ -22,6 +22,7 @@ import yaml
 
 from bt_ray.config import RunConfig, save_config, to_dict
 from bt_ray.errors import ConfigError
+from bt_ray.storage import RunMirror, open_run
 
 # Keys that change how fast a run goes, not what it computes: a resume may change them.
 EXECUTION_ONLY = {
@@ -53,11 +54,13 @@ class RunState:
         self.run_dir = run_dir
         self.steps: list[StepRecord] = []
         self.test: dict[str, Any] | None = None
+        self.mirror: RunMirror | None = None
 
     @classmethod
     def open(cls, run_dir: Path, config: RunConfig, resume: bool) -> "RunState":
         """A fresh state, or the saved one when resuming; refuses to overwrite finished work."""
         state = cls(run_dir)
+        state.mirror = open_run(config.output_dir, run_dir, resume)  # a URI output_dir: pulled, pushed on save
         state_file = run_dir / "state.json"
         if state_file.exists() and not resume:
             raise ConfigError(f"run directory {run_dir} already holds a run; pass --resume to continue it, "
@@ -86,6 +89,12 @@ class RunState:
         tmp = self.run_dir / "state.json.tmp"
         tmp.write_text(json.dumps(data, indent=2))
         os.replace(tmp, self.run_dir / "state.json")  # atomic: a kill never leaves half a state
+        self.sync()
+
+    def sync(self) -> None:
+        """Upload what changed to a URI output_dir (nothing to do for a path)."""
+        if self.mirror is not None:
+            self.mirror.push()
 
     def event(self, kind: str, **fields: Any) -> None:
         with open(self.run_dir / "events.jsonl", "a") as f:

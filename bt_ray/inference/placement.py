@@ -184,6 +184,37 @@ def wait_ready(refs: list, what: str, timeout_s: float) -> list:
     return ray.get(ready)
 
 
+def alive_nodes() -> list[dict]:
+    """Ray's alive nodes: {"NodeID", "NodeManagerAddress", ...} each."""
+    import ray
+
+    return [node for node in ray.nodes() if node.get("Alive")]
+
+
+def marker_visible(marker: str, token: str, node_ids: list[str], timeout_s: float = 120.0) -> dict[str, bool]:
+    """Per node: does a task pinned there read `token` in the file `marker`? (storage.check_shared)"""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    def read(path: str) -> str | None:
+        try:
+            with open(path) as f:
+                return f.read()
+        except OSError:
+            return None
+
+    task = ray.remote(read)
+    refs = {node: task.options(num_cpus=0, name=f"bt-ray/check-output-dir@{node[:8]}", max_retries=0,
+                               scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(marker)
+            for node in node_ids}
+    ready, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+    if pending:
+        late = [node[:12] for node, ref in refs.items() if ref in pending]
+        raise ResourceError(f"checking that output_dir is shared: node(s) {', '.join(late)} did not answer within "
+                            f"{timeout_s:.0f}s; see their logs under /tmp/ray/session_latest/logs/")
+    return {node: ray.get(ref) == token for node, ref in refs.items()}
+
+
 def _fmt(resources: dict[str, float]) -> str:
     return ", ".join(f"{v:g} {k}" for k, v in resources.items())
 

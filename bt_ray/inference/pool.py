@@ -20,6 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from bt_ray import storage
 from bt_ray.config import RunConfig
 from bt_ray.errors import AdapterError, EngineError
 from bt_ray.inference import placement
@@ -246,6 +247,7 @@ class InferencePool:
         """Load a new adapter version on every replica; a name is never reused (stale caches)."""
         if name in self.adapters:
             raise AdapterError(f"adapter version {name!r} is already loaded; each fine-tune gets a new name")
+        path = storage.shared_path(path)  # a URI output_dir: replicas on any node get the uploaded copy
         with self._adapters_lock:  # a replacement started meanwhile loads it too
             self._on_every_replica(f"load adapter {name!r} from {path}",
                                    lambda actor: actor.load_adapter.remote(name, path), AdapterError)

@@ -7,9 +7,11 @@ elsewhere (router.py, the engine), so this file stays a shell.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
+from bt_ray import storage
 from bt_ray.inference.engine import GenerationRequest, GenerationResult, engine_class
 
 logger = logging.getLogger(__name__)
@@ -26,6 +28,7 @@ class ReplicaActor:
         return await self.engine.generate(request)
 
     async def load_adapter(self, name: str, path: str) -> str:
+        path = await asyncio.to_thread(storage.fetch, path)  # a URI: downloaded to this node's cache first
         await self.engine.load_adapter(name, path)
         logger.info("adapter %s loaded from %s", name, path)
         return self.replica_id

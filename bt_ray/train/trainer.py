@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bt_ray import storage
 from bt_ray.config import TrainConfig
 from bt_ray.errors import TrainingError
 from bt_ray.train.data import (IGNORE, TokenizedExample, TrainData, pad_id_of, plan_epoch, steps_per_epoch,
@@ -159,7 +160,7 @@ def _fit(loop_config: dict, config: TrainConfig, output_dir: str, name: str, gpu
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
                                      resources_per_worker=resources),
-        run_config=RunConfig(storage_path=str(Path(output_dir).expanduser().resolve()), name=name,
+        run_config=RunConfig(storage_path=storage.train_storage_path(output_dir), name=name,
                              failure_config=FailureConfig(max_failures=config.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=1),
                              worker_runtime_env={"env_vars": dict(ACTOR_ENV)}))
@@ -313,7 +314,8 @@ class LoraRecipe:
         dtype = torch.bfloat16 if _use_bf16(self.cfg, self.device) else torch.float32
         model = AutoModelForCausalLM.from_pretrained(self.loop_config["base_model_dir"], dtype=dtype)
         if self.loop_config.get("init_adapter_dir"):  # Θ after Θ: keep training the current adapter
-            model = PeftModel.from_pretrained(model, self.loop_config["init_adapter_dir"], is_trainable=True)
+            init = storage.fetch(self.loop_config["init_adapter_dir"])  # a URI: downloaded on this node
+            model = PeftModel.from_pretrained(model, init, is_trainable=True)
         else:
             lora = LoraConfig(r=self.cfg.lora_rank, lora_alpha=self.cfg.lora_alpha,
                               lora_dropout=self.cfg.lora_dropout, target_modules=list(self.cfg.target_modules),
