@@ -25,3 +25,24 @@ def test_one_current_session(monkeypatch):
     assert bt_ray.init() is fake and bt_ray.current_session() is fake
     with pytest.raises(BtRayError, match="already running"):
         bt_ray.init("configs/iris.yaml")
+
+
+def test_session_refuses_a_node_local_output_dir_before_the_model_loads(monkeypatch, tmp_path):
+    """Session.start on a fake 2-node cluster (placement calls replaced, labelled) whose second node
+    cannot see output_dir: ConfigError, and the model is never resolved."""
+    from bt_ray import storage
+    from bt_ray.config import load_config
+    from bt_ray.session import Session
+
+    nodes = [{"NodeID": "a" * 56, "NodeManagerAddress": "10.0.0.1"},
+             {"NodeID": "b" * 56, "NodeManagerAddress": "10.0.0.2"}]
+    monkeypatch.setattr(storage, "NODE_LOCAL_ROOTS", ())  # tmp_path is under /tmp
+    monkeypatch.setattr("bt_ray.inference.placement.connect", lambda address: False)
+    monkeypatch.setattr("bt_ray.inference.placement.cluster_totals", lambda: {"CPU": 8.0, "GPU": 0.0})
+    monkeypatch.setattr("bt_ray.inference.placement.alive_nodes", lambda: nodes)
+    monkeypatch.setattr("bt_ray.inference.placement.marker_visible",
+                        lambda marker, token, ids: {ids[0]: True, ids[1]: False})
+    monkeypatch.setattr("bt_ray.session.resolve_model", lambda *a: pytest.fail("the model must not load"))
+    session = Session(load_config(None, [f"output_dir={tmp_path}"]))
+    with pytest.raises(ConfigError, match=r"1 of 2 alive nodes cannot see .* bbbbbbbbbbbb \(10.0.0.2\)"):
+        session.start()
