@@ -24,6 +24,8 @@ WHEELS=${WHEELS:-$REPO/.whl}
 SITE=${SITE:-/tmp/bt-ray-site}
 STEPS=${STEPS:-tests,bench}
 
+# Ray token auth off for these checks only: their one-node Ray (ray.init) on the isolated GPU node is used over
+# loopback by this script's own processes; every cluster file in cluster/ keeps it on.
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 LITELLM_LOCAL_MODEL_COST_MAP=True RAY_USAGE_STATS_ENABLED=0 \
        TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled \
        VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 VLLM_DO_NOT_TRACK=1
