@@ -67,3 +67,46 @@ def test_output_dir_is_checked_on_every_node_of_a_two_node_cluster(tmp_path):
         assert f"output_dir={str(shared)!r}" in out[case] and "2 of 2 alive nodes cannot see" in out[case]
         assert all(node in out[case] for node in out["nodes"]) and "shared filesystem" in out[case]
     assert out["left_behind"] == []  # markers are removed
+
+
+def test_lora_checkpoints_and_adapters_travel_through_a_storage_uri(ray_cluster, model_dir, tmp_path, monkeypatch):
+    """output_dir=file://...: the same pyarrow.fs path as s3:// or gs://. Ray Train writes its checkpoint to the
+    URI, the adapter goes up with the run, a replica loads it from the URI, and a second Θ (as on another node)
+    starts from the URI."""
+    import asyncio
+    import hashlib
+    import shutil
+
+    from bt_ray import storage
+    from bt_ray.config import InferenceConfig, load_config
+    from bt_ray.inference.replica import ReplicaActor
+    from bt_ray.state import RunState
+    from bt_ray.train.trainer import train_lora
+
+    from .test_trainer_on_cpu import examples, small_config
+
+    monkeypatch.setattr(storage, "RUN_CACHE", str(tmp_path / "run-cache"))
+    monkeypatch.setattr(storage, "ADAPTER_CACHE", str(tmp_path / "adapter-cache"))
+    monkeypatch.setattr(storage, "_mirrors", {})
+    remote = tmp_path / "bucket"
+    config = load_config(None, [f"output_dir=file://{remote}", "name=uri-run"])
+    state = RunState.open(config.run_dir, config, resume=False)
+
+    first = train_lora(examples(), small_config(), model_dir, str(state.step_dir(1, "w")), "uri-run-v1")
+    assert Path(first.adapter_dir).is_relative_to(config.run_dir)  # published into the working copy
+    assert list((remote / "uri-run" / "steps" / "01-w" / "uri-run-v1").glob("checkpoint_*"))  # Ray Train -> URI
+    assert not list((state.step_dir(1, "w") / "uri-run-v1").glob("checkpoint_*"))
+    uri = storage.shared_path(first.adapter_dir)
+    assert uri == f"file://{remote}/uri-run/steps/01-w/uri-run-v1/adapter"
+
+    replica = ReplicaActor("replica-0", "transformers", model_dir, InferenceConfig(), "auto")
+    asyncio.run(replica.load_adapter("uri-run-v1", uri))  # downloads to this node's cache, then peft loads it
+    assert asyncio.run(replica.health())["adapters"] == ["uri-run-v1"]
+
+    worker_cache = Path("~/.cache/bt-ray/adapters").expanduser() / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    try:  # Θ -> Θ: the training worker (its own process, default cache) gets the URI and fetches it
+        second = train_lora(examples(), small_config(), model_dir, str(state.step_dir(2, "w")), "uri-run-v2",
+                            init_adapter_dir=uri)
+        assert second.steps == 1 and (worker_cache / "adapter_model.safetensors").is_file()
+    finally:
+        shutil.rmtree(worker_cache, ignore_errors=True)
