@@ -184,17 +184,23 @@ def train_storage_path(local_dir: str | Path) -> str:
 
 
 def fetch(path: str) -> str:
-    """A local path for `path`: itself, or for a URI a download into this node's adapter cache (once)."""
+    """A local path for `path`: itself, or for a URI a download into this node's adapter cache.
+
+    The cache key covers the URI and each remote file's size and modification time, so files uploaded
+    again under the same URI (a run started over under the same name) are downloaded again, never stale.
+    """
     if not is_uri(path):
         return path
-    target = Path(ADAPTER_CACHE).expanduser() / hashlib.sha256(path.encode()).hexdigest()[:16]
+    filesystem, root = _filesystem(path)
+    files = _listing(filesystem, root, path)
+    if not files:
+        raise StorageError(f"{redact(path)} holds no files; was it uploaded (see the driver's log)?")
+    stamp = [(f.path, f.size, f.mtime_ns) for f in files]
+    target = Path(ADAPTER_CACHE).expanduser() / hashlib.sha256(repr((path, stamp)).encode()).hexdigest()[:16]
     if (target / ".complete").exists():
         return str(target)
-    filesystem, root = _filesystem(path)
     partial = target.with_name(f"{target.name}.{uuid.uuid4().hex[:8]}.partial")
-    if not _download(filesystem, root, partial, path):
-        shutil.rmtree(partial, ignore_errors=True)
-        raise StorageError(f"{redact(path)} holds no files; was it uploaded (see the driver's log)?")
+    _download(filesystem, root, partial, path)
     (partial / ".complete").write_text(path)
     try:
         os.replace(partial, target)  # atomic; another replica on this node may have finished first
@@ -278,16 +284,26 @@ def _upload(filesystem: Any, path: Path, dest: str, uri: str) -> None:
     _call(uri, copy)
 
 
-def _download(filesystem: Any, root: str, local: Path, uri: str) -> int:
-    """Copy every file under `root` into `local`; returns how many (0 when there is nothing)."""
+def _listing(filesystem: Any, root: str, uri: str) -> list:
+    """pyarrow FileInfo of every file under `root` (or of `root` itself, a file); [] when it does not exist."""
     from pyarrow import fs
 
-    def copy() -> int:
+    def files() -> list:
         info = filesystem.get_file_info(root)
         if info.type == fs.FileType.NotFound:
-            return 0
-        files = [info] if info.is_file else [
-            f for f in filesystem.get_file_info(fs.FileSelector(root, recursive=True)) if f.is_file]
+            return []
+        return [info] if info.is_file else sorted(
+            (f for f in filesystem.get_file_info(fs.FileSelector(root, recursive=True)) if f.is_file),
+            key=lambda f: f.path)
+
+    return _call(uri, files)
+
+
+def _download(filesystem: Any, root: str, local: Path, uri: str) -> int:
+    """Copy every file under `root` into `local`; returns how many (0 when there is nothing)."""
+    files = _listing(filesystem, root, uri)
+
+    def copy() -> int:
         for entry in files:
             rel = entry.path[len(root):].lstrip("/") or Path(entry.path).name
             dest = local / rel

@@ -108,6 +108,14 @@ def test_adapters_handed_to_other_nodes_are_uploaded_and_fetched(tmp_path):
     assert (local / "adapter_config.json").read_text() == '{"r": 32}'
     assert (local / "adapter_model.safetensors").stat().st_size == 1000
     assert storage.fetch(shared) == str(local)  # cached: downloaded once per node
+    # The same URI uploaded again with other weights (a run started over under its old name): not served stale.
+    import os
+
+    remote_weights = remote / "r1" / "steps" / "02-w" / "r1-v1" / "adapter" / "adapter_model.safetensors"
+    remote_weights.write_bytes(b"\1" * 1000)
+    os.utime(remote_weights, ns=(1, 1))
+    again = Path(storage.fetch(shared))
+    assert again != local and (again / "adapter_model.safetensors").read_bytes() == b"\1" * 1000
     # A plain path (local run or shared filesystem) is handed over as it is.
     assert storage.shared_path(tmp_path / "elsewhere") == str(tmp_path / "elsewhere")
     assert storage.fetch(str(adapter)) == str(adapter)
