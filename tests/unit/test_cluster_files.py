@@ -108,8 +108,14 @@ def test_kuberay_entrypoint_is_a_bt_ray_command_writing_to_the_shared_volume():
     check_command(docs("RayJob")[0]["spec"]["entrypoint"], SHARED)
 
 
-def test_cluster_launcher_keeps_auth_on_and_loopback_dashboard():
+def test_cluster_launcher_is_valid_and_keeps_auth_on_and_loopback_dashboard():
+    import json
+
+    import jsonschema
+    import ray.autoscaler
+
     config = load(CLUSTER / "launcher" / "aws.yaml")[0]
+    jsonschema.validate(config, json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text()))
     pin = ray_pin()
     assert config["provider"]["type"] == "aws"
     assert config["docker"]["image"].startswith(f"rayproject/ray:{pin}-py312-gpu")
