@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs", "file")  # what pyarrow.fs.FileSystem.from_uri opens
 RUN_CACHE = "~/.cache/bt-ray/runs"  # local working copies of runs whose output_dir is a URI
-ADAPTER_CACHE = "~/.cache/bt-ray/adapters"  # adapters fetched from a URI, one folder per URI
+ADAPTER_CACHE = "~/.cache/bt-ray/adapters"  # adapters fetched from a URI, one folder per uploaded version
 LOCAL_ONLY = ("cache",)  # a run's DSPy response cache stays on the driver's machine
 NODE_LOCAL_ROOTS = ("/tmp", "/dev/shm", "/var/tmp")  # never shared between machines
 _SECRET_QUERY = re.compile(r"key|secret|token|password|sig|credential", re.I)
@@ -94,11 +94,8 @@ class RunMirror:
     """A run's local working copy and its URI. `push` uploads what changed since the last push."""
 
     def __init__(self, uri: str, local: Path):
-        from pyarrow import fs
-
         self.uri, self.local = uri.rstrip("/"), Path(local)
         self.fs, self.root = _filesystem(self.uri)
-        self._local_fs = fs.LocalFileSystem()
         self._sent: dict[str, tuple[int, int]] = {}  # relative path -> (size, mtime_ns) last uploaded
 
     def remote(self, local_path: str | Path) -> str:
@@ -126,10 +123,11 @@ class RunMirror:
 
     def push(self, under: str | Path | None = None) -> int:
         """Upload new or changed files of the working copy (or of `under`, a folder in it); returns how many."""
-        base = Path(under) if under else self.local
+        local = self.local.resolve()
+        base = Path(under).resolve() if under else local
         sent = 0
         for path in sorted(p for p in base.rglob("*") if p.is_file()):
-            rel = path.relative_to(self.local).as_posix()
+            rel = path.relative_to(local).as_posix()
             if rel.split("/", 1)[0] in LOCAL_ONLY or self._sent.get(rel) == _stamp(path):
                 continue
             stamp = _stamp(path)
