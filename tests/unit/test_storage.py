@@ -174,3 +174,39 @@ def test_tmp_on_several_machines_is_refused_without_asking_the_nodes():
     with pytest.raises(ConfigError, match="node-local"):
         storage.check_shared("/dev/shm/runs", _nodes("10.0.0.1", "10.0.0.2"), checker)
     assert checker.calls == []
+
+
+def test_bt_ray_run_with_a_uri_output_dir_uploads_results_and_resumes_elsewhere(tmp_path, monkeypatch):
+    """Driver (bt-ray run) on a fake session and a fake trainer (labelled; no Ray, no model), output_dir=file://."""
+    import shutil
+    from types import SimpleNamespace
+
+    from bt_ray.driver import Driver
+
+    from .fakes import FakeSession
+    from .test_prompt_phase import noisy_classifier
+
+    trained = []
+
+    def fake_train_lora(examples, config, base_model_dir, output_dir, name, **kwargs):
+        trained.append(name)
+        adapter = Path(output_dir) / name / "adapter"
+        adapter.mkdir(parents=True)
+        (adapter / "adapter_model.safetensors").write_bytes(b"\0" * 64)
+        return SimpleNamespace(adapter_dir=str(adapter), examples=len(examples), dropped=0, trained_tokens=10,
+                               total_tokens=30, steps=1, losses=[2.0], wall_s=0.1, workers=1)
+
+    monkeypatch.setattr("bt_ray.phases.finetune.train_lora", fake_train_lora)
+    remote = tmp_path / "bucket"
+    config = load_config("configs/iris.yaml", [f"output_dir=file://{remote}", "name=t", "strategy=p -> w",
+                                                    "task.dev_size=10", "task.test_size=10"])
+    Driver(config).run(session=FakeSession(noisy_classifier))
+    run = remote / "t"
+    for name in ("results.json", "results.md", "scores.png", "config.yaml", "state.json", "events.jsonl",
+                 "steps/02-w/t-v1/adapter/adapter_model.safetensors"):
+        assert (run / name).is_file(), name
+    assert trained == ["t-v1"]
+
+    shutil.rmtree(config.run_dir)  # another machine: nothing local
+    results = Driver(config, resume=True).run(session=FakeSession(noisy_classifier))
+    assert trained == ["t-v1"] and [s["strategy"] for s in results["steps"]] == ["vanilla", "Π", "Π→Θ"]
