@@ -74,7 +74,6 @@ def test_lora_checkpoints_and_adapters_travel_through_a_storage_uri(ray_cluster,
     URI, the adapter goes up with the run, a replica loads it from the URI, and a second Θ (as on another node)
     starts from the URI."""
     import asyncio
-    import hashlib
     import shutil
 
     from bt_ray import storage
@@ -103,10 +102,14 @@ def test_lora_checkpoints_and_adapters_travel_through_a_storage_uri(ray_cluster,
     asyncio.run(replica.load_adapter("uri-run-v1", uri))  # downloads to this node's cache, then peft loads it
     assert asyncio.run(replica.health())["adapters"] == ["uri-run-v1"]
 
-    worker_cache = Path("~/.cache/bt-ray/adapters").expanduser() / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    try:  # Θ -> Θ: the training worker (its own process, default cache) gets the URI and fetches it
+    worker_cache = Path("~/.cache/bt-ray/adapters").expanduser()  # the worker's own process: the default cache
+    fetched = []
+    try:  # Θ -> Θ: the training worker gets the URI and downloads it before loading
         second = train_lora(examples(), small_config(), model_dir, str(state.step_dir(2, "w")), "uri-run-v2",
                             init_adapter_dir=uri)
-        assert second.steps == 1 and (worker_cache / "adapter_model.safetensors").is_file()
+        fetched = [d for d in worker_cache.glob("*/.complete") if d.read_text() == uri]
+        assert second.steps == 1 and len(fetched) == 1
+        assert (fetched[0].parent / "adapter_model.safetensors").is_file()
     finally:
-        shutil.rmtree(worker_cache, ignore_errors=True)
+        for marker in fetched:
+            shutil.rmtree(marker.parent, ignore_errors=True)
