@@ -4,7 +4,6 @@ bt-ray subcommand on shared storage; the Slurm script passes `bash -n`. Nothing 
 import re
 import shlex
 import subprocess
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -19,8 +18,8 @@ SHARED = "/mnt/bt-ray"  # the shared volume's mount path in the KubeRay and laun
 
 
 def ray_pin() -> str:
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    return next(re.search(r"==([\d.]+)", d).group(1) for d in deps if re.match(r"ray\[", d))
+    """The version in pyproject.toml's `"ray[...]==X"` dependency (a regex: tomllib needs Python 3.11)."""
+    return re.search(r'^\s*"ray\[[^\]]*\]==([\d.]+)"', (REPO / "pyproject.toml").read_text(), re.M).group(1)
 
 
 def load(path: Path) -> list[dict]:
