@@ -19,58 +19,16 @@ import argparse
 import os
 import random
 import tempfile
-import threading
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+from _common import PlainGenerateEngine, plain_lm  # noqa: E402 (sets the offline environment first)
 
 import dspy  # noqa: E402
-import torch  # noqa: E402
-from dspy.lm15 import Message, Request, Response, TextPart, Usage  # noqa: E402
 
 from bt_ray.config import load_config  # noqa: E402
-from bt_ray.inference.engine import COMPLETION_MARKER  # noqa: E402
-from bt_ray.inference.lm import request_messages  # noqa: E402
 from bt_ray.phases.fanout import Job, run_jobs  # noqa: E402
 from bt_ray.session import Session, chat_adapter  # noqa: E402
 from bt_ray.tasks import get_task  # noqa: E402
-
-
-class PlainGenerateEngine:
-    """What a DSPy user writes for a local transformers model: one `generate` call per request."""
-
-    def __init__(self, model_dir: str):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        self.calls = 0
-        self._lock = threading.Lock()
-
-    def complete(self, request: Request) -> Response:
-        ids = self.tokenizer.apply_chat_template(list(request_messages(request)), add_generation_prompt=True,
-                                                 return_tensors="pt", return_dict=True)["input_ids"]
-        with torch.inference_mode():
-            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                      max_new_tokens=request.config.max_tokens or 128,
-                                      stop_strings=[COMPLETION_MARKER], tokenizer=self.tokenizer)
-        text = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-        with self._lock:
-            self.calls += 1
-        return Response(id=None, model=request.model, message=Message.assistant([TextPart(text)]),
-                        finish_reason="stop", usage=Usage(input_tokens=ids.shape[1],
-                                                          output_tokens=out.shape[1] - ids.shape[1]))
-
-    def stream(self, request: Request):
-        raise NotImplementedError
-
-    def close(self) -> None:
-        pass
-
-    def __deepcopy__(self, memo):
-        return self
 
 
 def candidates(task, train: list, k: int, seed: int) -> list:
@@ -86,7 +44,7 @@ def candidates(task, train: list, k: int, seed: int) -> list:
 
 def run_dspy(programs: list, dev: list, metric, model_dir: str, threads: int, max_tokens: int) -> tuple[float, list]:
     engine = PlainGenerateEngine(model_dir)
-    lm = dspy.LM("local/smollm2-135m-plain", engine=engine, cache=False, temperature=0.0, max_tokens=max_tokens)
+    lm = plain_lm(engine, temperature=0.0, max_tokens=max_tokens)
     scores = []
     started = time.perf_counter()
     with dspy.context(lm=lm, adapter=chat_adapter()):
