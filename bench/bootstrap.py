@@ -76,8 +76,9 @@ def run_bt_ray(student, train: list, seeds: list[int], metric, out_dir: str, arg
         seconds = time.perf_counter() - started
         calls = {plan.seed: len(plan.results) for plan in plans}
         (health,) = session.pool.health()
-    print(f"bt-ray replica: mean batch {health['mean_batch_size']:.1f} rows/step, prompt tokens from prefix cache "
-          f"{health['cached_prompt_tokens'] / max(1, health['prompt_tokens']):.0%}")
+    if "mean_batch_size" in health:  # the transformers engine's counters
+        print(f"bt-ray replica: mean batch {health['mean_batch_size']:.1f} rows/step, prompt tokens from prefix "
+              f"cache {health['cached_prompt_tokens'] / max(1, health['prompt_tokens']):.0%}")
     return seconds, programs, calls
 
 

@@ -96,8 +96,9 @@ class LocalLoRAProvider(dspy.Provider):
                                                          target_modules=kw["target_modules"], task_type="CAUSAL_LM"))
         peft_model.train()
         optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=kw["learning_rate"])
-        rng, losses, trained_tokens = random.Random(0), [], 0
+        rng, losses, trained_tokens = random.Random(0), [], 0  # losses: mean batch loss per epoch
         for epoch in range(kw["epochs"]):
+            epoch_losses = []
             order = list(range(len(examples)))
             rng.shuffle(order)
             for start in range(0, len(order), kw["batch_size"]):
@@ -112,8 +113,9 @@ class LocalLoRAProvider(dspy.Provider):
                     total += loss.item()
                 optimizer.step()
                 optimizer.zero_grad()
-                losses.append(total)
+                epoch_losses.append(total)
                 trained_tokens += tokens
+            losses.append(sum(epoch_losses) / max(1, len(epoch_losses)))
         name = f"{BASE_MODEL}:ft{len(self.jobs) + 1}"
         adapter_dir = self.out_dir / name.replace("/", "_").replace(":", "_")
         peft_model.save_pretrained(adapter_dir)
@@ -124,7 +126,7 @@ class LocalLoRAProvider(dspy.Provider):
         self.jobs.append({"model": name, "from": model, "examples": len(examples), "epochs": kw["epochs"],
                           "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                           "trained_tokens": trained_tokens, "seconds": time.perf_counter() - started})
-        print(f"LocalLoRAProvider: {len(examples)} examples x {kw['epochs']} epochs, loss {losses[0]:.3f} -> "
+        print(f"LocalLoRAProvider: {len(examples)} examples x {kw['epochs']} epochs, epoch loss {losses[0]:.3f} -> "
               f"{losses[-1]:.3f}, {trained_tokens} answer tokens, {self.jobs[-1]['seconds']:.0f} s -> {name}",
               flush=True)
         return name
@@ -293,7 +295,7 @@ def report(results: dict, loads: dict) -> None:
             print(f"  {step['key']}: {step['seconds']:.0f} s, calls {_calls(step['calls'])}, student bound to "
                   f"{step['student_model']}")
         for job in r["finetunes"]:
-            print(f"  LoRA {job['model']}: {job['examples']} passing traces x {job['epochs']} epochs, loss "
+            print(f"  LoRA {job['model']}: {job['examples']} passing traces x {job['epochs']} epochs, epoch loss "
                   f"{job['first_loss']:.3f} -> {job['last_loss']:.3f}, {job['seconds']:.0f} s")
         print("\nDSPy defects seen in this run:")
         for line in defects(r):
