@@ -154,6 +154,7 @@ def _watch_steps(optimizers: dict, engine: PlainGenerateEngine, log: list, valse
 
 def run_dspy(task, train, val, test, args, out_dir: str) -> dict:
     dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=False)
+    setup = time.perf_counter()
     engine = PlainGenerateEngine(model_dir())
     provider = LocalLoRAProvider(engine, out_dir)
     lm = plain_lm(engine, temperature=args.temperature, max_tokens=args.max_tokens, provider=provider)
@@ -173,11 +174,12 @@ def run_dspy(task, train, val, test, args, out_dir: str) -> dict:
     compiled = dspy.BetterTogether(metric=task.metric, **optimizers).compile(
         student, trainset=list(train), valset=list(val), strategy=STRATEGY, num_threads=8, max_errors=10**4,
         seed=args.seed)
-    seconds = time.perf_counter() - started
+    seconds, setup = time.perf_counter() - started, started - setup
     compile_calls = dict(engine.calls)
     test_score, test_calls = _test(compiled, test, task.metric, engine)
     by_strategy = {c["strategy"]: c["score"] for c in compiled.candidate_programs}
-    return {"seconds": seconds, "compile_calls": compile_calls, "test": test_score, "test_calls": test_calls,
+    return {"seconds": seconds, "setup": setup, "compile_calls": compile_calls, "test": test_score,
+            "test_calls": test_calls,
             "scores": [by_strategy.get(s) for s in _prefixes()], "returned": compiled.candidate_programs[0]["strategy"],
             "returned_model": sorted({p.lm.model for p in compiled.predictors()}), "steps": steps,
             "finetunes": provider.jobs, "error": compiled.flag_compilation_error_occurred}
@@ -191,6 +193,7 @@ def run_bt_ray(task, train, val, test, args, out_dir: str) -> dict:
                  f"prompt.num_candidates={args.candidates}", f"train.epochs={args.epochs}",
                  f"train.learning_rate={args.learning_rate}", "train.include_demos=true",
                  f"train.lora_rank={LORA['lora_rank']}", f"train.lora_alpha={LORA['lora_alpha']}"]
+    setup = time.perf_counter()
     with bt_ray.init(None, overrides) as session:
         dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=False)
         student = task.build_program()
@@ -199,7 +202,7 @@ def run_bt_ray(task, train, val, test, args, out_dir: str) -> dict:
         started = time.perf_counter()
         compiled = optimizer.compile(student, trainset=list(train), valset=list(val), strategy=STRATEGY,
                                      seed=args.seed, optimizer_compile_args={"p": {"valset": list(val)}})
-        seconds = time.perf_counter() - started
+        seconds, setup = time.perf_counter() - started, started - setup
         usage = session.pool.usage_snapshot()
         compile_calls = dict(usage.by_version)
         with dspy.context(adapter=session.adapter):
@@ -207,7 +210,8 @@ def run_bt_ray(task, train, val, test, args, out_dir: str) -> dict:
         test_calls = session.pool.usage_snapshot().since(usage).by_version
     steps = optimizer.results["steps"]
     by_strategy = {candidate["strategy"]: candidate["score"] for candidate in compiled.candidate_programs}
-    return {"seconds": seconds, "compile_calls": compile_calls, "test": test_score, "test_calls": test_calls,
+    return {"seconds": seconds, "setup": setup, "compile_calls": compile_calls, "test": test_score,
+            "test_calls": test_calls,
             "scores": [by_strategy.get(s) for s in _prefixes()], "returned": compiled.candidate_programs[0]["strategy"],
             "returned_model": sorted({p.lm.model for p in compiled.predictors()}), "steps": steps,
             "run_dir": str(optimizer.run_dir)}
@@ -272,16 +276,17 @@ def main() -> None:
 
 def report(results: dict, loads: dict) -> None:
     names = {"bt-ray": "bt-ray BetterTogether", "dspy": "dspy.BetterTogether (plain LM + LoRA provider)"}
-    print(f"\n{'side':46} {'wall s':>7} {'x':>5}  {'val: start':>10} {'p':>5} {'p>w':>5} {'p>w>p':>6}  "
+    print(f"\n{'side':46} {'setup s':>7} {'wall s':>7} {'x':>5}  {'val: start':>10} {'p':>5} {'p>w':>5} {'p>w>p':>6}  "
           f"{'returned':>9} {'test':>5}  model calls (compile; test)")
     dspy_s = results.get("dspy", {}).get("seconds")
     for side, r in results.items():
         ratio = f"{dspy_s / r['seconds']:5.2f}" if dspy_s else "    -"
         start, p, pw, pwp = (_fmt(s) for s in r["scores"])
-        print(f"{names[side]:46} {r['seconds']:7.0f} {ratio}  {start:>10} {p:>5} {pw:>5} {pwp:>6}  "
+        print(f"{names[side]:46} {r['setup']:7.0f} {r['seconds']:7.0f} {ratio}  {start:>10} {p:>5} {pw:>5} {pwp:>6}  "
               f"{r['returned'] or 'start':>9} {r['test']:5.1f}  {sum(r['compile_calls'].values())} "
               f"({_calls(r['compile_calls'])}); {sum(r['test_calls'].values())}")
-    print("val: each side's own validation score per step (the same valset; DSPy's Evaluate, bt-ray's evaluator). "
+    print("setup: start Ray + replica (bt-ray) or load the model (DSPy); wall: compile(), x: DSPy's wall / this. "
+          "val: each side's own validation score per step (the same valset; DSPy's Evaluate, bt-ray's evaluator). "
           "test: this script's dspy.Evaluate on the same test examples, each returned program on its own model.")
     if "bt-ray" in results:
         print("\nbt-ray steps (from its results table):")
