@@ -65,7 +65,8 @@ def run_bt_ray(student, train: list, seeds: list[int], metric, out_dir: str, arg
     config = load_config(None, [f"output_dir={out_dir}", "inference.cpus_per_replica=1",
                                 f"inference.temperature={args.temperature}", f"inference.max_tokens={args.max_tokens}",
                                 f"prompt.max_bootstrapped_demos={args.max_bootstrapped_demos}",
-                                f"prompt.max_labeled_demos={args.max_labeled_demos}"])
+                                f"prompt.max_labeled_demos={args.max_labeled_demos}",
+                                f"inference.request_timeout_s={args.request_timeout}"])
     with Session(config, "bench-bootstrap") as session:
         dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=False)
         lm = session.lm(None)
@@ -105,6 +106,8 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.1)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0, help="data split seed")
+    parser.add_argument("--request-timeout", type=float, default=3600.0,
+                        help="bt-ray's inference.request_timeout_s (a busy shared machine can exceed the default 600)")
     args = parser.parse_args()
 
     task = get_task("iris")
