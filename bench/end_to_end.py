@@ -273,7 +273,10 @@ def main() -> None:
             print(f"\n=== {side} (before: {loads[side][0]})", flush=True)
             results[side] = run(task, train, val, test, args, str(Path(out) / side))
             loads[side].append(load_average())
-            print(f"=== {side} done in {results[side]['seconds']:.0f} s (after: {loads[side][1]})", flush=True)
+            r = results[side]
+            print(f"=== {side} done: compile {r['seconds']:.0f} s, val per step {r['scores']}, returned "
+                  f"{r['returned']!r}, test {r['test']}, calls {r['compile_calls']} (after: {loads[side][1]})",
+                  flush=True)
     report(results, loads)
 
 
