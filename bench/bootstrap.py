@@ -126,6 +126,7 @@ def main() -> None:
     print(f"before bt-ray: {load_before}")
     with tempfile.TemporaryDirectory() as out:
         bt_s, bt_programs, bt_calls = run_bt_ray(student, train, seeds, task.metric, out, args)
+    print(f"bt-ray: {bt_s:.1f} s, {sum(bt_calls.values())} calls", flush=True)
     print(f"before DSPy: {load_average()}")
     engine = PlainGenerateEngine(model_dir())
     dspy_s, dspy_programs, dspy_calls = run_dspy(student, train, seeds, task.metric, engine, args)
