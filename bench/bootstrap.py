@@ -34,6 +34,7 @@ import time
 from _common import PlainGenerateEngine, load_average, model_dir, plain_lm  # sets the offline environment first
 
 import dspy  # noqa: E402
+import torch  # noqa: E402
 
 from bt_ray.config import TaskConfig, load_config  # noqa: E402
 from bt_ray.phases.prompt import _assemble, _bootstrap, _plan  # noqa: E402
@@ -66,7 +67,8 @@ def run_bt_ray(student, train: list, seeds: list[int], metric, out_dir: str, arg
                                 f"inference.temperature={args.temperature}", f"inference.max_tokens={args.max_tokens}",
                                 f"prompt.max_bootstrapped_demos={args.max_bootstrapped_demos}",
                                 f"prompt.max_labeled_demos={args.max_labeled_demos}",
-                                f"inference.request_timeout_s={args.request_timeout}"])
+                                f"inference.request_timeout_s={args.request_timeout}",
+                                f"inference.torch_threads={args.torch_threads}"])
     with Session(config, "bench-bootstrap") as session:
         dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=False)
         lm = session.lm(None)
@@ -106,9 +108,13 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.1)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0, help="data split seed")
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="torch threads for each side (0: all cores); 1 avoids OpenMP collapse on a busy machine")
     parser.add_argument("--request-timeout", type=float, default=3600.0,
                         help="bt-ray's inference.request_timeout_s (a busy shared machine can exceed the default 600)")
     args = parser.parse_args()
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
 
     task = get_task("iris")
     splits = task.load_splits(TaskConfig(), args.seed)

@@ -193,7 +193,8 @@ def run_bt_ray(task, train, val, test, args, out_dir: str) -> dict:
                  f"prompt.num_candidates={args.candidates}", f"train.epochs={args.epochs}",
                  f"train.learning_rate={args.learning_rate}", "train.include_demos=true",
                  f"train.lora_rank={LORA['lora_rank']}", f"train.lora_alpha={LORA['lora_alpha']}",
-                 f"inference.request_timeout_s={args.request_timeout}"]
+                 f"inference.request_timeout_s={args.request_timeout}", f"inference.torch_threads={args.torch_threads}",
+                 f"train.torch_threads={args.torch_threads}"]
     setup = time.perf_counter()
     with bt_ray.init(None, overrides) as session:
         dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=False)
@@ -251,10 +252,14 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.1)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="torch threads for each side (0: all cores); 1 avoids OpenMP collapse on a busy machine")
     parser.add_argument("--request-timeout", type=float, default=3600.0,
                         help="bt-ray's inference.request_timeout_s (a busy shared machine can exceed the default 600)")
     parser.add_argument("--only", choices=["bt-ray", "dspy"], help="run one side (no ratio)")
     args = parser.parse_args()
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     logging.getLogger("dspy").setLevel(logging.WARNING)
 
     task = get_task("iris")
