@@ -151,7 +151,7 @@ def main() -> None:
     print("(calls: teacher runs = model calls; traces: passing traces kept as bootstrapped demos; "
           "speedup: DSPy's wall time / this one's, for the same candidates)")
 
-    same_selection = same_text = 0
+    same_selection = same_text = both_bootstrapped = 0
     print(f"\n{'seed':>4} {'budget':>6}  {'DSPy calls':>10} {'bt-ray calls':>12}  bootstrapped demos (train index), "
           f"DSPy | bt-ray")
     index = {tuple(str(x.get(k)) for k in input_keys): i for i, x in enumerate(train)}
@@ -159,13 +159,16 @@ def main() -> None:
         d_boot, d_lab = demo_keys(dspy_programs[seed], input_keys)
         b_boot, b_lab = demo_keys(bt_programs[seed], input_keys)
         same_selection += (d_boot, d_lab) == (b_boot, b_lab)
-        same_text += demo_texts(dspy_programs[seed]) == demo_texts(bt_programs[seed]) and d_boot == b_boot
+        if d_boot and b_boot:
+            both_bootstrapped += 1
+            same_text += demo_texts(dspy_programs[seed]) == demo_texts(bt_programs[seed])
         budget = args.max_bootstrapped_demos if seed < 0 else random.Random(seed).randint(1, args.max_bootstrapped_demos)
         print(f"{seed:4d} {budget:6d}  {dspy_calls[seed]:10d} {bt_calls[seed]:12d}  "
               f"{[index.get(k) for k in d_boot]} | {[index.get(k) for k in b_boot]}"
               f"{'' if (d_boot, d_lab) == (b_boot, b_lab) else '   (differ)'}")
     print(f"\n{same_selection}/{len(seeds)} candidates got the same demo set (same bootstrapped examples in the same "
-          f"order, same labeled fill-ins); {same_text}/{len(seeds)} also the same generated reasoning text.")
+          f"order, same labeled fill-ins); of the {both_bootstrapped} with bootstrapped demos on both sides, "
+          f"{same_text} have the same generated reasoning text.")
     if args.temperature:
         print(f"At temperature {args.temperature} each side samples with its own RNG, so a trace can pass on one "
               f"side and fail on the other; rerun with --temperature 0 for a greedy comparison.")
