@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ from bt_ray.sweep import Cell, Sweep, decide, reused_steps, seed_from_parent, wr
 logger = logging.getLogger(__name__)
 
 LOG_TAIL_LINES = 30
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 POLL_S = 1.0
 
 
@@ -273,9 +275,10 @@ def _reused_text(reused: list[dict[str, Any]]) -> str:
 
 
 def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
+    """The log's last lines, without the colour codes Ray puts on its actors' lines."""
     if not path.exists():
         return []
-    return path.read_text(errors="replace").splitlines()[-lines:]
+    return [_ANSI.sub("", line) for line in path.read_text(errors="replace").splitlines()[-lines:]]
 
 
 def _cause(run_dir: Path, returncode: int, since: float) -> str:
