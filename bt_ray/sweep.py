@@ -82,9 +82,6 @@ class Sweep:
     def cell(self, name: str) -> Cell:
         return next(c for c in self.cells if c.name == name)
 
-    def children(self, name: str) -> list[Cell]:
-        return [c for c in self.cells if c.parent == name]
-
 
 # ---------------------------------------------------------------- loading
 
