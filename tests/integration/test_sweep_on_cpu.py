@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -84,13 +85,16 @@ def test_ray_job_submit_runs_bt_ray_on_a_local_head(tmp_path):
     we started (and its process group), not with `ray stop`, which would stop every Ray on the machine,
     the integration tests' own cluster included.
     """
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard, agent, agent_grpc, metrics, runtime_env_agent = (_free_port() for _ in range(6))
     temp_dir = tempfile.mkdtemp(prefix="btr-")  # short: Ray's socket paths must stay under 108 characters
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_AUTH_MODE="disabled", PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2", "--num-gpus=0",
+         # Own ports for the node's agents too: the defaults (52365, ...) may belong to another Ray on this machine.
+         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env_agent}",
          f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
@@ -101,11 +105,15 @@ def test_ray_job_submit_runs_bt_ray_on_a_local_head(tmp_path):
         runtime_env = {"working_dir": str(REPO), "excludes": ["runs/", ".venv/", ".git/", ".whl/", "build/",
                                                                "gpu-check-results/", "*.egg-info/", "__pycache__/"]}
         overrides = [f"{k}={v}" for k, v in TINY.items()] + ["strategy=vanilla", "name=job", f"output_dir={out}"]
-        submit = subprocess.run(
-            ["ray", "job", "submit", "--address", address, "--submission-id", job_id,
-             "--runtime-env-json", json.dumps(runtime_env), "--",
-             "python", "-m", "bt_ray.cli", "run", "configs/iris.yaml", *overrides],
-            env=env, capture_output=True, text=True, timeout=240)
+        command = ["ray", "job", "submit", "--address", address, "--submission-id", job_id,
+                   "--runtime-env-json", json.dumps(runtime_env), "--",
+                   "python", "-m", "bt_ray.cli", "run", "configs/iris.yaml", *overrides]
+        deadline = time.time() + 90
+        while True:  # the job server answers before the node's agent takes jobs: retry until it does
+            submit = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+            if "No available agent" not in submit.stdout + submit.stderr or time.time() > deadline:
+                break
+            time.sleep(2)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         results = json.loads((out / "job" / "results.json").read_text())
         assert results["test"]["n"] == 6 and [s["step"] for s in results["steps"]] == [0]
@@ -124,6 +132,7 @@ def test_ray_job_submit_runs_bt_ray_on_a_local_head(tmp_path):
             os.killpg(head.pid, signal.SIGKILL)  # anything of that head still left (its own process group)
         except ProcessLookupError:
             pass
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _wait_for_job_server(address: str, head: subprocess.Popen, timeout_s: float = 90) -> None:
