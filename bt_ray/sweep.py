@@ -32,6 +32,7 @@ from bt_ray.config import RunConfig, load_config, save_config, to_dict
 from bt_ray.errors import ConfigError
 from bt_ray.inference.placement import resource_need
 from bt_ray.model import check_model
+from bt_ray.storage import is_uri, redact
 from bt_ray.state import EXECUTION_ONLY, StepRecord, _flatten
 from bt_ray.strategy import StrategyError, format_strategy, parse_strategy
 
@@ -125,6 +126,10 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     output_dir = raw.get("output_dir", "runs")
     if not isinstance(output_dir, str) or not output_dir:
         problems.append(f"output_dir: must be a directory path, got {output_dir!r}")
+    elif is_uri(output_dir):  # the sweep seeds and reads cells' run dirs as files
+        problems.append(f"output_dir: {redact(output_dir)} is an object-store URI; bt-ray sweep needs a path (on a "
+                        f"cluster of several nodes a shared filesystem at the same path on every node, e.g. "
+                        f"/mnt/bt-ray/runs); a single bt-ray run takes a URI")
     limit = raw.get("max_concurrent")
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
         problems.append(f"max_concurrent: must be a whole number >= 1, or null for as many as the cluster fits, "
