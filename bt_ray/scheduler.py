@@ -60,6 +60,7 @@ class SweepRun:
         self.sweep, self.echo = sweep, echo
         self.rows = {c.name: CellStatus(c.name, c.task, c.model, format_strategy(c.strategy), c.seed,
                                         str(c.run_dir), c.parent, c.need) for c in sweep.cells}
+        self.earlier = _earlier_rows(sweep.dir / "sweep.json")  # what a previous run of this sweep recorded
         self.running: dict[str, tuple[subprocess.Popen, float]] = {}
         self.finished = 0
         self.started = time.time()
@@ -73,6 +74,7 @@ class SweepRun:
             decision = decide(cell)
             if decision.action == "done":
                 self._load_results(cell, "finished earlier")
+                self.rows[cell.name].wall_s = self.earlier.get(cell.name, {}).get("wall_s")
                 self._progress(cell)
             elif decision.action == "conflict":
                 self._fail(cell, decision.detail)
@@ -262,6 +264,15 @@ class SweepRun:
                   f"; {computed} steps computed, {reused} reused from prefix cells; sweep wall time "
                   f"{time.time() - self.started:.0f}s"]
         return "\n".join(lines) + "\n"
+
+
+def _earlier_rows(path: Path) -> dict[str, dict[str, Any]]:
+    if not path.exists():
+        return {}
+    try:
+        return {row["name"]: row for row in json.loads(path.read_text())["cells"]}
+    except (ValueError, KeyError, TypeError):
+        return {}  # a damaged status file only loses the earlier wall times
 
 
 def _fits(need: dict[str, float], free: dict[str, float]) -> bool:
