@@ -1,6 +1,7 @@
 """bt-ray's command line: parse, build the config, set up logging, call the driver.
 
     bt-ray run CONFIG [dotted.key=value ...] [--resume]
+    bt-ray sweep SWEEP_FILE [dotted.key=value ...] [--dry-run]   a grid of runs; rerun = resume
     bt-ray config [CONFIG] [dotted.key=value ...]     print the resolved config
     bt-ray config --reference                         every key, its default and meaning
     bt-ray data download gsm8k|hotpotqa|wiki-abstracts [--to DIR]   fetch and verify the official files
@@ -30,6 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. strategy='p -> w' train.epochs=2")
     run.add_argument("--resume", action="store_true", help="continue a killed run from its last finished phase")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sweep = sub.add_parser("sweep", help="run a grid of tasks x models x strategies x seeds (rerun to resume)")
+    sweep.add_argument("sweep_file", help="YAML sweep file, e.g. configs/sweep_cpu.yaml")
+    sweep.add_argument("overrides", nargs="*", help="dotted.key=value for every cell; output_dir= and "
+                       "max_concurrent= set the sweep's own")
+    sweep.add_argument("--dry-run", action="store_true", help="print the cells, the sharing plan and the "
+                       "resources each needs; start nothing")
+    sweep.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     show = sub.add_parser("config", help="print the resolved config, or the reference of all keys")
     show.add_argument("config", nargs="?", help="YAML file (optional)")
     show.add_argument("overrides", nargs="*")
@@ -54,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             return _config(args)
         if args.command == "data":
             return _data(args)
+        if args.command == "sweep":
+            return _sweep(args)
         return _run(args)
     except ConfigError as exc:
         print(f"bt-ray: {exc}", file=sys.stderr)
@@ -74,6 +84,24 @@ def _run(args: argparse.Namespace) -> int:
     print(markdown(results))
     print(f"results: {config.run_dir}/results.json, results.md, scores.png")
     return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from bt_ray.scheduler import SweepRun
+    from bt_ray.sweep import load_sweep, plan_text
+
+    sweep = load_sweep(args.sweep_file, args.overrides)
+    if args.dry_run:
+        print(plan_text(sweep))
+        return 0
+    run = SweepRun(sweep)
+    code = run.run()
+    summary = run.summary()
+    (sweep.dir / "summary.md").write_text(summary)
+    print()
+    print(summary)
+    print(f"sweep: {sweep.dir}/sweep.json, summary.md; each cell's results in {sweep.dir}/cells/<cell>/")
+    return code
 
 
 def _data(args: argparse.Namespace) -> int:

@@ -28,8 +28,10 @@ def opt(default: Any, help: str) -> Any:
 
 @dataclass
 class ModelConfig:
-    name: str = opt("smollm2-135m", "'smollm2-135m' (shipped with bt-ray) or a local transformers checkpoint dir")
-    cache_dir: str = opt("~/.cache/bt-ray/models", "where the shipped model is converted to a transformers checkpoint")
+    name: str = opt("smollm2-135m", "'smollm2-135m' (shipped with bt-ray), a local transformers checkpoint dir, "
+                    "or a public id org/name (downloaded into cache_dir unless HF_HUB_OFFLINE=1)")
+    cache_dir: str = opt("~/.cache/bt-ray/models", "where the shipped model is converted to a transformers checkpoint "
+                         "and public ids are downloaded")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
         "auto", "inference dtype; auto = float32 on CPU (faster than bf16 there, measured), bfloat16 on GPU")
 

@@ -213,7 +213,7 @@ class PhaseLoop:
 def preflight(config: RunConfig, task: Task) -> Splits:
     """Everything that can be checked before Ray starts or a model loads."""
     problems = []
-    model_problem = check_model(config.model.name)
+    model_problem = check_model(config.model.name, config.model.cache_dir)
     if model_problem:
         problems.append(model_problem)
     try:

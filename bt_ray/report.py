@@ -48,6 +48,7 @@ def _step_row(step: Any) -> dict[str, Any]:
         "trained_tokens": step.trained_tokens,
         "requests_by_version": usage.get("by_version", {}),
         "details": step.details,
+        "reused_from": step.reused_from,
     }
 
 

@@ -47,6 +47,7 @@ class StepRecord:
     usage: dict[str, Any] = field(default_factory=dict)  # pool requests and tokens during the step
     trained_tokens: int = 0
     details: dict[str, Any] = field(default_factory=dict)
+    reused_from: str | None = None  # the run that computed this step (a sweep's prefix sharing), None = this run
 
 
 class RunState:

@@ -79,7 +79,8 @@ def check_resources(config: RunConfig, totals: dict[str, float]) -> None:
     timeshare: training runs on the replicas' GPUs, one worker per replica at most.
     """
     inf, tr, mode = config.inference, config.train, config.placement.mode
-    need_cpu = inf.replicas * inf.cpus_per_replica + tr.num_workers * tr.cpus_per_worker
+    need = resource_need(config)
+    need_cpu, need_gpu = need["CPU"], need["GPU"]
     problems = []
     if need_cpu > totals["CPU"]:
         problems.append(
@@ -87,13 +88,9 @@ def check_resources(config: RunConfig, totals: dict[str, float]) -> None:
             f"{inf.replicas} x {inf.cpus_per_replica:g} + {tr.num_workers} x {tr.cpus_per_worker:g} = {need_cpu:g} "
             f"CPUs, but the Ray cluster has {totals['CPU']:g}; lower those keys (fractions like 0.5 are allowed) "
             f"or add nodes")
-    if mode == "timeshare":
-        need_gpu = inf.replicas
-        if tr.num_workers > inf.replicas:
-            problems.append(f"train.num_workers: placement.mode=timeshare trains on the replicas' GPUs, so at most "
-                            f"inference.replicas={inf.replicas} workers; lower train.num_workers or use split")
-    else:
-        need_gpu = inf.replicas * inf.gpus_per_replica + (tr.num_workers if tr.use_gpu else 0)
+    if mode == "timeshare" and tr.num_workers > inf.replicas:
+        problems.append(f"train.num_workers: placement.mode=timeshare trains on the replicas' GPUs, so at most "
+                        f"inference.replicas={inf.replicas} workers; lower train.num_workers or use split")
     if need_gpu > totals["GPU"]:
         problems.append(
             f"placement.mode={mode} needs {need_gpu:g} GPUs (inference.replicas={inf.replicas} x "
@@ -103,6 +100,17 @@ def check_resources(config: RunConfig, totals: dict[str, float]) -> None:
             f"GPUs, or placement.mode=cpu with inference.gpus_per_replica=0 and train.use_gpu=false on a CPU machine")
     if problems:
         raise ConfigError(problems)
+
+
+def resource_need(config: RunConfig) -> dict[str, float]:
+    """The Ray CPUs and GPUs one run holds at its peak (a sweep packs runs by this)."""
+    inf, tr = config.inference, config.train
+    cpu = inf.replicas * inf.cpus_per_replica + tr.num_workers * tr.cpus_per_worker
+    if config.placement.mode == "timeshare":
+        gpu = float(inf.replicas)  # training runs on the replicas' GPUs
+    else:
+        gpu = inf.replicas * inf.gpus_per_replica + (tr.num_workers if tr.use_gpu else 0)
+    return {"CPU": float(cpu), "GPU": float(gpu)}
 
 
 def replica_bundles(config: RunConfig) -> list[dict[str, float]]:
