@@ -2,14 +2,13 @@ from pathlib import Path
 
 import pytest
 
-from bt_ray.config import RunConfig, describe, load_config
-from bt_ray.errors import ConfigError
-
 import yaml
 
-# run configs; sweep files (a `tasks:` grid, read by `bt-ray sweep`) are checked in the sweep tests
-CONFIGS = [p for p in sorted(Path(__file__).resolve().parents[2].joinpath("configs").glob("*.yaml"))
-           if "tasks" not in (yaml.safe_load(p.read_text()) or {})]
+from bt_ray.config import RunConfig, describe, load_config
+from bt_ray.errors import ConfigError
+from bt_ray.sweep import load_sweep
+
+CONFIGS = sorted(Path(__file__).resolve().parents[2].joinpath("configs").glob("*.yaml"))
 
 
 def test_defaults_are_the_papers():
@@ -24,10 +23,6 @@ def test_defaults_are_the_papers():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_config_loads_and_opens_with_its_command(path):
-    import yaml
-
-    from bt_ray.sweep import load_sweep
-
     if "tasks" in yaml.safe_load(path.read_text()):  # a sweep file: every cell's run config loads
         assert load_sweep(path).cells
     else:
