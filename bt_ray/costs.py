@@ -93,7 +93,7 @@ def phase_costs(runs: list) -> list[PhaseCost]:
             costs.append(_cost(run, resources, row["step"], code[-1] if code else "vanilla", row["strategy"],
                                float(row.get("wall_s") or 0.0), train_s, row.get("generated_tokens", 0),
                                row.get("trained_tokens", 0), row.get("reused_from")))
-        test = run.raw.get("test") or {}
+        test = run.test
         costs.append(_cost(run, resources, None, "test", test.get("strategy", ""), float(test.get("wall_s") or 0.0),
                            0.0, test.get("generated_tokens", 0), 0, None))
     _mark_reuse(costs, runs)

@@ -50,7 +50,7 @@ class RunResult:
     strategy = property(lambda self: paper_notation(self.raw["strategy"]))
     seed = property(lambda self: self.raw["seed"])
     steps = property(lambda self: self.raw["steps"])
-    test = property(lambda self: self.raw["test"])
+    test = property(lambda self: self.raw["test"] or {})  # {} when the run scored no test set
 
 
 @dataclass
@@ -244,7 +244,7 @@ def _column_notes(table: Table) -> list[str]:
     notes = []
     for column in table.columns:
         runs = [r for r in table.runs if (r.task, r.label) == column]
-        test_n = sorted({r.test.get("n") for r in runs})
+        test_n = sorted({r.test.get("n") for r in runs} - {None})
         seeds = sorted({r.seed for r in runs})
         offline = any((r.raw.get("data") or {}).get("offline") for r in runs)
         models = sorted({r.model for r in runs})

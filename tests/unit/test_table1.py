@@ -229,3 +229,24 @@ def test_aggregate_orders_unknown_strategies_last(tmp_path):
     for strategy in ("mipro→Θ", "Π→Θ→Π", "Θ"):
         write_run(tmp_path, strategy, "iris", "m", strategy, 0, [step(0, "vanilla", 1.0, 1.0, 1)], 1.0)
     assert aggregate(find_runs(tmp_path, {})[0]).strategies == ["Θ", "Π→Θ→Π", "mipro→Θ"]
+
+
+def test_report_of_a_run_the_driver_wrote(tmp_path):
+    """A results.json written by the real Driver (over the labelled FakeSession: fake engine, no Ray, no model)."""
+    from bt_ray.config import load_config
+    from bt_ray.driver import Driver
+
+    from .fakes import FakeSession
+    from .test_prompt_phase import noisy_classifier
+
+    config = load_config("configs/iris.yaml", [f"output_dir={tmp_path}", "name=t", "strategy=p",
+                                               "inference.replicas=2", "inference.cpus_per_replica=0.5"])
+    results = Driver(config).run(session=FakeSession(noisy_classifier))
+    assert results["resources"]["pool"] == {"CPU": 1.0, "GPU": 0.0}
+    test = results["test"]
+    assert test["requests"] == test["n"] and test["wall_s"] > 0 and test["generated_tokens"] > 0
+    report = make_report(tmp_path / "t")
+    assert report.table.test[(("iris", "smollm2-135m"), "Π")].values == [test["score"]]
+    rows = read_csv(report.out / "costs.csv")
+    assert [r["phase"] for r in rows] == ["vanilla", "p", "test"]
+    assert float(rows[1]["cpu_s"]) == pytest.approx(1.0 * results["steps"][1]["wall_s"], abs=0.1)
