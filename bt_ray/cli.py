@@ -124,7 +124,7 @@ def _report(args: argparse.Namespace) -> int:
         (report.out / "estimate.md").write_text(text)
         print(text)
     written = ["table1.md", "table1.csv", "steps.csv", "costs.csv", "scores.png", "phases.png"]
-    print(f"report: {report.out}/{{{','.join(written + (['estimate.md'] if grid else []))}}}")
+    print(f"report: {', '.join(written + (['estimate.md'] if grid else []))} in {report.out}")
     return 0
 
 
