@@ -244,7 +244,8 @@ def test_report_of_a_run_the_driver_wrote(tmp_path):
     results = Driver(config).run(session=FakeSession(noisy_classifier))
     assert results["resources"]["pool"] == {"CPU": 1.0, "GPU": 0.0}
     test = results["test"]
-    assert test["requests"] == test["n"] and test["wall_s"] > 0 and test["generated_tokens"] > 0
+    # Requests: at most one per test example (DSPy's cache answers repeated identical calls itself).
+    assert 0 < test["requests"] <= test["n"] and test["wall_s"] > 0 and test["generated_tokens"] > 0
     report = make_report(tmp_path / "t")
     assert report.table.test[(("iris", "smollm2-135m"), "Π")].values == [test["score"]]
     rows = read_csv(report.out / "costs.csv")
