@@ -207,7 +207,7 @@ def column_name(column: Column) -> str:
 
 
 def markdown(table: Table, paper: Paper, phase_costs: list[costs.PhaseCost], unfinished: list[Path]) -> str:
-    lines = [f"# Table 1: test accuracy (%), mean ± std over seeds", ""]
+    lines = ["# Table 1: test accuracy (%), mean ± std over seeds", ""]
     header = ["strategy"]
     for column in table.columns:
         header += [column_name(column), "paper"]
