@@ -129,9 +129,8 @@ def estimate(grid: Grid, phase_costs: list[costs.PhaseCost], runs: list) -> str:
              " | priced from | phase wall h | CPU-h | GPU-h |",
              "|---|" + "---:|" * len(kinds) + "---|---:|---:|---:|"]
     for row in rows:
-        sources = [f"{costs.PHASE_NAMES.get(k, k)}: {row.sources[k]}" for k in kinds]
         lines.append(f"| {row.task} · {row.model} | " + " | ".join(str(row.phases[k]) for k in kinds) +
-                     f" | {'; '.join(_merge(sources))} | {_hours(row.wall_s, row.cpu_s, row.gpu_s)} |")
+                     f" | {_merge(row.sources, kinds)} | {_hours(row.wall_s, row.cpu_s, row.gpu_s)} |")
     grand = {key: sum(getattr(r, key) for r in rows) for key in ("wall_s", "cpu_s", "gpu_s")}
     lines.append("| **grid** | " + " | ".join(str(sum(r.phases[k] for r in rows)) for k in kinds) +
                  f" | | {_hours(*grand.values())} |")
@@ -146,10 +145,14 @@ def _counts(counts: dict[str, int], kinds: list[str]) -> str:
     return ", ".join(f"{counts.get(k, 0)}x {costs.PHASE_NAMES.get(k, k)}" for k in kinds)
 
 
-def _merge(sources: list[str]) -> list[str]:
-    """'vanilla: same task and model; Π: same task and model' -> 'all: same task and model'."""
-    kinds = {s.split(": ", 1)[1] for s in sources}
-    return [f"all: {kinds.pop()}"] if len(kinds) == 1 else sources
+def _merge(sources: dict[str, str], kinds: list[str]) -> str:
+    """{'vanilla': 'same task', 'p': 'same task', 'w': 'not measured'} -> 'vanilla, Π: same task; Θ: not measured'."""
+    groups: dict[str, list[str]] = {}
+    for kind in kinds:
+        groups.setdefault(sources[kind], []).append(costs.PHASE_NAMES.get(kind, kind))
+    if len(groups) == 1:
+        return f"all: {next(iter(groups))}"
+    return "; ".join(f"{', '.join(names)}: {source}" for source, names in groups.items())
 
 
 def _hours(wall_s: float, cpu_s: float, gpu_s: float) -> str:
