@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bt_ray.strategy import split_strategy
+from bt_ray.strategy import format_strategy, split_strategy
 
 FORMULA = ("CPU-s (GPU-s) = pool CPUs (GPUs) x step wall time + training CPUs (GPUs) x Ray Train wall time; "
            "pool = inference.replicas x inference.cpus_per_replica (gpus_per_replica; one GPU per replica with "
@@ -94,7 +94,8 @@ def phase_costs(runs: list) -> list[PhaseCost]:
                                float(row.get("wall_s") or 0.0), train_s, row.get("generated_tokens", 0),
                                row.get("trained_tokens", 0), row.get("reused_from")))
         test = run.test
-        costs.append(_cost(run, resources, None, "test", test.get("strategy", ""), float(test.get("wall_s") or 0.0),
+        returned = format_strategy(split_strategy(test.get("strategy") or ""), "paper")
+        costs.append(_cost(run, resources, None, "test", returned, float(test.get("wall_s") or 0.0),
                            0.0, test.get("generated_tokens", 0), 0, None))
     _mark_reuse(costs, runs)
     return costs
