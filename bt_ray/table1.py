@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import shutil
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -361,12 +362,26 @@ class Report:
     out: Path
 
 
+def _local_copy(root: str | Path) -> str | Path:
+    """A run or sweep in an object store (output_dir=s3://...): its results, states and configs, downloaded."""
+    from bt_ray import storage
+
+    if not storage.is_uri(str(root)):
+        return root
+    local = storage.local_run_dir(str(root).rstrip("/"), "report-input")
+    shutil.rmtree(local, ignore_errors=True)
+    count = storage.pull_named(str(root), ("results.json", "state.json", "config.yaml"), local)
+    logger.info("downloaded %d results/state/config files of %s into %s", count, storage.redact(str(root)), local)
+    return local
+
+
 def make_report(root: str | Path, paper_path: str | Path | None = None, out: str | Path | None = None,
                 extra_models: dict[str, str] | None = None) -> Report:
     """Read every results.json under `root`, write table1.md, the CSVs and the plots into `out`."""
     from bt_ray import plots
 
     paper = load_paper(paper_path)
+    root = _local_copy(root)
     runs, unfinished = find_runs(root, {**paper.models, **(extra_models or {})})
     table = aggregate(runs)
     phase_costs = costs.phase_costs(runs)

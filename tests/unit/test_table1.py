@@ -251,3 +251,12 @@ def test_report_of_a_run_the_driver_wrote(tmp_path):
     rows = read_csv(report.out / "costs.csv")
     assert [r["phase"] for r in rows] == ["vanilla", "p", "test"]
     assert float(rows[1]["cpu_s"]) == pytest.approx(1.0 * results["steps"][1]["wall_s"], abs=0.1)
+
+
+def test_report_of_a_sweep_in_object_storage(sweep, tmp_path, monkeypatch):
+    """output_dir may be an object-store URI: the report downloads results, states and configs (file:// here)."""
+    monkeypatch.setattr("bt_ray.storage.RUN_CACHE", str(tmp_path / "cache"))
+    report = make_report(f"file://{sweep}", out=tmp_path / "out")
+    assert len(report.table.runs) == 7 and [p.name for p in report.unfinished] == ["iris-w-s0"]
+    assert str(report.table.runs[0].dir).startswith(str(tmp_path / "cache"))
+    assert report.markdown == make_report(sweep).markdown.replace(str(sweep), str(report.unfinished[0].parents[1]))
