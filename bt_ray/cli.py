@@ -49,6 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     fetch.add_argument("dataset", choices=["gsm8k", "hotpotqa", "wiki-abstracts"])
     fetch.add_argument("--to", default=TaskConfig().data_dir, help="data directory (task.data_dir), default "
                        "%(default)s")
+    report = sub.add_parser("report", help="Table-1 markdown, CSV, plots and costs of a run or sweep directory")
+    report.add_argument("dir", help="a `bt-ray run` directory (output_dir/name) or a `bt-ray sweep` directory")
+    report.add_argument("--paper", help="the paper's numbers and model labels (default: configs/paper_table1.yaml)")
+    report.add_argument("--out", help="where to write table1.md, the CSVs and PNGs (default: DIR/report)")
+    report.add_argument("--estimate", metavar="SWEEP_YAML", help="also estimate what this sweep file's grid costs "
+                        "from the phases measured in DIR, e.g. configs/paper_table1.yaml")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
@@ -64,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             return _data(args)
         if args.command == "sweep":
             return _sweep(args)
+        if args.command == "report":
+            return _report(args)
         return _run(args)
     except ConfigError as exc:
         print(f"bt-ray: {exc}", file=sys.stderr)
@@ -102,6 +110,22 @@ def _sweep(args: argparse.Namespace) -> int:
     print(summary)
     print(f"sweep: {sweep.dir}/sweep.json, summary.md; each cell's results in {sweep.dir}/cells/<cell>/")
     return code
+
+
+def _report(args: argparse.Namespace) -> int:
+    from bt_ray.estimate import estimate, load_grid
+    from bt_ray.table1 import make_report
+
+    grid = load_grid(args.estimate) if args.estimate else None
+    report = make_report(args.dir, args.paper, args.out, extra_models=grid.models if grid else None)
+    print(report.markdown)
+    if grid:
+        text = estimate(grid, report.costs, report.table.runs)
+        (report.out / "estimate.md").write_text(text)
+        print(text)
+    written = ["table1.md", "table1.csv", "steps.csv", "costs.csv", "scores.png", "phases.png"]
+    print(f"report: {', '.join(written + (['estimate.md'] if grid else []))} in {report.out}")
+    return 0
 
 
 def _data(args: argparse.Namespace) -> int:

@@ -287,8 +287,12 @@ class Driver:
             loop.run()
             returned = self._returned_step()
             program, _ = loop.restore(returned)
+            started, usage = time.time(), session.pool.usage_snapshot()
             test = loop.evaluate(program, self.splits.test, f"test: step {returned.index} ({returned.strategy})")
-            self.state.test = {"step": returned.index, "strategy": returned.strategy, **test.to_dict()}
+            spent = session.pool.usage_snapshot().since(usage)
+            self.state.test = {"step": returned.index, "strategy": returned.strategy, **test.to_dict(),
+                               "wall_s": round(time.time() - started, 2), "requests": spent.requests,
+                               "generated_tokens": spent.generated_tokens}
             self.state.save()
             self.state.event("test", **self.state.test)
         results = write_results(self.config, self.state, self.splits)

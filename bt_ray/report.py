@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from bt_ray.config import RunConfig, to_dict
+from bt_ray.costs import held
 from bt_ray.strategy import format_strategy, split_strategy
 
 
@@ -22,6 +23,7 @@ def write_results(config: RunConfig, state: Any, splits: Any) -> dict[str, Any]:
         "steps": [_step_row(s) for s in state.steps],
         "test": state.test,
         "totals": _totals(state.steps),
+        "resources": held(to_dict(config)),  # what the run reserved; costs.py turns it into CPU-/GPU-seconds
         "config": to_dict(config),
     }
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))

@@ -166,6 +166,23 @@ def _mirror_of(path: str | Path) -> RunMirror | None:
     return next((m for root, m in _mirrors.items() if resolved == root or root in resolved.parents), None)
 
 
+def pull_named(uri: str, names: tuple[str, ...], local: Path) -> int:
+    """Download the files under `uri` whose name is one of `names` (e.g. every results.json of a sweep) into
+    `local`, keeping their relative paths; returns how many."""
+    filesystem, root = _filesystem(uri.rstrip("/"))
+    files = [f for f in _listing(filesystem, root, uri) if f.base_name in names]
+
+    def copy() -> int:
+        for entry in files:
+            dest = local / entry.path[len(root):].lstrip("/")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with filesystem.open_input_stream(entry.path) as src, open(dest, "wb") as out:
+                shutil.copyfileobj(src, out, 1 << 20)
+        return len(files)
+
+    return _call(uri, copy)
+
+
 def shared_path(path: str | Path) -> str:
     """What to hand another node for a file or folder of a run: its URI once uploaded, or the path itself."""
     mirror = _mirror_of(path)

@@ -76,3 +76,25 @@ def test_trained_adapter_lowered_the_loss_and_changes_outputs(finished_run):
         base, tuned, again = ask(None), ask("check-v1"), ask(None)
     assert base == again  # loading the adapter left the base model untouched
     assert tuned != base, "the trained adapter did not change any output"
+
+
+def test_report_of_the_run(finished_run, tmp_path):
+    """`bt-ray report` on the real run above: no second model run, only the report's files."""
+    import csv
+
+    from bt_ray.cli import main
+
+    config, results = finished_run
+    assert main(["report", str(config.run_dir), "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "table1.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert (row["task"], row["model"], row["strategy"], row["n"]) == ("iris", "smollm2-135m", "Π→Θ→Π", "1")
+    assert float(row["mean"]) == pytest.approx(results["test"]["score"]) and row["paper"] == ""
+    with open(tmp_path / "costs.csv") as f:
+        costs = {r["phase"] + r["step"]: r for r in csv.DictReader(f)}
+    theta = results["steps"][2]
+    # cpus_per_replica=1 for the whole step, plus cpus_per_worker=1 while Ray Train ran.
+    assert float(costs["w2"]["cpu_s"]) == pytest.approx(theta["wall_s"] + theta["details"]["train"]["wall_s"], abs=0.2)
+    assert float(costs["test"]["wall_s"]) > 0
+    for name in ("scores.png", "phases.png"):
+        assert (tmp_path / name).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
