@@ -55,8 +55,11 @@ def run_dspy(student, train: list, seeds: list[int], metric, engine, args) -> tu
                 random.Random(seed).shuffle(trainset)
                 size = random.Random(seed).randint(1, args.max_bootstrapped_demos)
             before = engine.total_calls
+            # max_errors: DSPy stops after dspy.settings.max_errors (10) unparsable answers, which the small
+            # model gives often; bt-ray counts them as failed traces, so DSPy gets the same allowance.
             optimizer = dspy.BootstrapFewShot(metric=metric, max_bootstrapped_demos=size,
-                                              max_labeled_demos=args.max_labeled_demos, max_rounds=1)
+                                              max_labeled_demos=args.max_labeled_demos, max_rounds=1,
+                                              max_errors=len(trainset) + 1)
             programs[seed] = optimizer.compile(student, trainset=trainset)
             calls[seed] = engine.total_calls - before
     return time.perf_counter() - started, programs, calls
