@@ -179,19 +179,24 @@ class RunConfig:
 # ---------------------------------------------------------------- loading
 
 
+def read_mapping(path: Path, what: str, hint: str, shape: str) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping; ConfigError naming the file otherwise."""
+    if not path.is_file():
+        raise ConfigError(f"{what} {str(path)!r} does not exist; {hint}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be {shape}, got {type(raw).__name__}")
+    return raw
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read YAML (optional), apply `a.b=c` overrides, validate. Raises ConfigError listing every problem."""
     raw: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist; shipped configs are in configs/")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of keys, got {type(raw).__name__}")
+        raw = read_mapping(Path(path), "config file", "shipped configs are in configs/", "a mapping of keys")
     problems: list[str] = []
     for item in overrides:
         key, sep, value = item.partition("=")

@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from bt_ray.config import RunConfig, load_config, save_config, to_dict
+from bt_ray.config import RunConfig, load_config, read_mapping, save_config, to_dict
 from bt_ray.errors import ConfigError
 from bt_ray.inference.placement import resource_need
 from bt_ray.model import check_model
@@ -143,15 +143,8 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
 
 
 def _read(path: Path) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"sweep file {str(path)!r} does not exist; shipped sweeps are configs/sweep_*.yaml")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping (name, tasks, models, strategies, seeds)")
-    return raw
+    return read_mapping(path, "sweep file", "shipped sweeps are configs/sweep_*.yaml",
+                        "a mapping (name, tasks, models, strategies, seeds)")
 
 
 def _label(value: Any, key: str, problems: list[str]) -> str:
