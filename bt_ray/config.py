@@ -212,6 +212,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return config
 
 
+def from_dict(raw: dict[str, Any]) -> RunConfig:
+    """A RunConfig from a saved resolved config (results.json, config.yaml), defaults for missing keys;
+    keys a newer bt-ray no longer knows are ignored (old runs stay readable)."""
+    return _build(RunConfig, raw, "", [])
+
+
 def _parse_value(text: str) -> Any:
     try:
         return yaml.safe_load(text) if text.strip() else ""

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bt_ray.config import from_dict
+from bt_ray.inference.placement import reserved
 from bt_ray.strategy import format_strategy, split_strategy
 
 FORMULA = ("CPU-s (GPU-s) = pool CPUs (GPUs) x step wall time + training CPUs (GPUs) x Ray Train wall time; "
@@ -39,14 +41,8 @@ PHASE_NAMES = {"vanilla": "vanilla (step 0)", "p": "Π", "w": "Θ", "test": "tes
 
 def held(config: dict[str, Any]) -> dict[str, Any]:
     """The CPUs and GPUs a run reserves, from its resolved config (a dict, as in results.json)."""
-    inf, train = config.get("inference", {}), config.get("train", {})
-    mode = config.get("placement", {}).get("mode", "cpu")
-    replicas, workers = inf.get("replicas", 1), train.get("num_workers", 1)
-    replica_gpus = 1.0 if mode == "timeshare" else inf.get("gpus_per_replica", 0.0)
-    worker_gpus = 1.0 if train.get("use_gpu") and mode != "timeshare" else 0.0
-    return {"placement": mode,
-            "pool": {"CPU": replicas * inf.get("cpus_per_replica", 1.0), "GPU": replicas * replica_gpus},
-            "train": {"CPU": workers * train.get("cpus_per_worker", 1.0), "GPU": workers * worker_gpus}}
+    run_config = from_dict(config)
+    return {"placement": run_config.placement.mode, **reserved(run_config)}
 
 
 @dataclass

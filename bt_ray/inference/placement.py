@@ -102,15 +102,21 @@ def check_resources(config: RunConfig, totals: dict[str, float]) -> None:
         raise ConfigError(problems)
 
 
+def reserved(config: RunConfig) -> dict[str, dict[str, float]]:
+    """The Ray CPUs and GPUs of a run's pool (held for the whole run) and of its trainer (while Θ trains);
+    placement timeshare: one whole GPU per replica, and training runs on those GPUs."""
+    inf, tr = config.inference, config.train
+    timeshare = config.placement.mode == "timeshare"
+    replica_gpus = 1.0 if timeshare else inf.gpus_per_replica
+    worker_gpus = 1.0 if tr.use_gpu and not timeshare else 0.0
+    return {"pool": {"CPU": inf.replicas * inf.cpus_per_replica, "GPU": inf.replicas * replica_gpus},
+            "train": {"CPU": tr.num_workers * tr.cpus_per_worker, "GPU": tr.num_workers * worker_gpus}}
+
+
 def resource_need(config: RunConfig) -> dict[str, float]:
     """The Ray CPUs and GPUs one run holds at its peak (a sweep packs runs by this)."""
-    inf, tr = config.inference, config.train
-    cpu = inf.replicas * inf.cpus_per_replica + tr.num_workers * tr.cpus_per_worker
-    if config.placement.mode == "timeshare":
-        gpu = float(inf.replicas)  # training runs on the replicas' GPUs
-    else:
-        gpu = inf.replicas * inf.gpus_per_replica + (tr.num_workers if tr.use_gpu else 0)
-    return {"CPU": float(cpu), "GPU": float(gpu)}
+    parts = reserved(config)
+    return {kind: float(parts["pool"][kind] + parts["train"][kind]) for kind in ("CPU", "GPU")}
 
 
 def replica_bundles(config: RunConfig) -> list[dict[str, float]]:
