@@ -70,8 +70,8 @@ class VLLMConfig:
     tensor_parallel_size: int = opt(1, "GPUs per replica; more only for a model that does not fit one GPU")
     gpu_memory_utilization: float = opt(0.85, "share of each GPU's memory a replica may take (weights + KV cache)")
     max_model_len: int | None = opt(None, "longest prompt + answer in tokens (None = the model's own limit)")
-    sleep_level: int = opt(1, "placement timeshare: 1 = weights to CPU memory during Θ, 2 = dropped and reloaded; "
-                           "0 = sleep mode off")
+    sleep_level: int = opt(1, "placement timeshare: 1 = weights to CPU memory during Θ; 0 = sleep mode off "
+                           "(2 is refused: broken with LoRA in vLLM 0.26)")
     load_format: Literal["auto", "safetensors", "dummy"] = opt(
         "auto", "how weights load; dummy = random weights of the right shapes (benchmarks only)")
     enforce_eager: bool = opt(False, "no CUDA graphs: faster start, slower decoding")
@@ -377,8 +377,11 @@ def _validate_vllm(config: RunConfig) -> list[str]:
         problems.append(f"inference.vllm.gpu_memory_utilization: must be in (0, 1], got {v.gpu_memory_utilization}")
     if v.max_model_len is not None and v.max_model_len < 1:
         problems.append(f"inference.vllm.max_model_len: must be >= 1 or null, got {v.max_model_len}")
-    if v.sleep_level not in (0, 1, 2):
-        problems.append(f"inference.vllm.sleep_level: must be 0 (off), 1 or 2, got {v.sleep_level}")
+    if v.sleep_level == 2:
+        problems.append("inference.vllm.sleep_level: 2 does not work with LoRA adapters in vLLM 0.26 (vLLM issue "
+                        "#39934: its weight reload fails on LoRA-wrapped layers); set 1")
+    elif v.sleep_level not in (0, 1):
+        problems.append(f"inference.vllm.sleep_level: must be 0 (off) or 1, got {v.sleep_level}")
     if inf.engine != "vllm":
         return problems
     if config.train.lora_rank > v.max_lora_rank:
@@ -417,7 +420,7 @@ def _validate_placement(config: RunConfig) -> list[str]:
                             f"replica and one trainer; set inference.gpus_per_replica=1 (got {inf.gpus_per_replica:g}) "
                             f"or use placement.mode=split")
         if inf.engine == "vllm" and inf.vllm.sleep_level == 0:
-            problems.append("inference.vllm.sleep_level: placement.mode=timeshare needs vLLM's sleep mode; set 1 or 2")
+            problems.append("inference.vllm.sleep_level: placement.mode=timeshare needs vLLM's sleep mode; set 1")
     return problems
 
 

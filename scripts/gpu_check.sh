@@ -5,12 +5,15 @@
 #   bash scripts/gpu_check.sh                 # wheel parts under .whl/stack and .whl/extras
 #   STEPS=tests bash scripts/gpu_check.sh     # only the tests; STEPS=bench: only the benchmarks
 #   WHEELS=/data/parts PYTHON=/opt/torch/bin/python3 bash scripts/gpu_check.sh
+#   TESTS=tests/gpu/test_vllm_adapters.py STEPS=tests bash scripts/gpu_check.sh   # some test files only
+# Also: TEST_TIMEOUT (420 s), SERVING_TIMEOUT (300), TRAIN_TIMEOUT (150), SERVING_ARGS / TRAIN_ARGS (bench flags).
 #
 # The node: Python 3.12 with torch (CUDA), transformers and peft; vllm, ray and dspy absent; no
 # network; files arrive in parts of at most 60 MiB. Build the parts anywhere with network:
 #   bash gpu/make_wheelset.sh .whl/stack     # vLLM 0.26.0, Ray 2.60.0, DSPy 3.4.1 (see gpu/README.md)
 #   bash gpu/make_extras.sh .whl/extras      # pytest, DeepSpeed, the shipped model, ... (gpu/extras.txt)
-# and copy the partN folders under .whl/stack/ and .whl/extras/ on the node (.whl/ is git-ignored).
+# and copy the partN folders under .whl/stack/ and .whl/extras/ on the node (.whl/ is git-ignored). Every
+# .whl/extras* folder with a MANIFEST is an extra set (so the model can come as its own set, extras-model/).
 # Results: gpu_check.log, gpu.csv, preflight.json, pytest-gpu.xml/.txt, bench_serving.json,
 # bench_train.json, summary.txt. Exit status: 0 only if every step that ran passed.
 set -uo pipefail
@@ -62,9 +65,15 @@ elif bash gpu/install_wheelset.sh "$WHEELS/stack" --target "$SITE" --python "$PY
 else
   record install_stack "failed: gpu/install_wheelset.sh $WHEELS/stack"; finish
 fi
-if [ -d "$WHEELS/extras" ]; then
-  EXTRA_WORK="$SITE-extras.wheels"
-  if bash gpu/install_wheelset.sh "$WHEELS/extras" --check-only --work "$EXTRA_WORK"; then
+# Extra sets: every $WHEELS/extras* folder (each with its own MANIFEST, e.g. extras/ and extras-model/).
+EXTRA_SETS=()
+for d in "$WHEELS"/extras*; do [ -f "$d/MANIFEST" ] && EXTRA_SETS+=("$d"); done
+if [ ${#EXTRA_SETS[@]} -gt 0 ]; then
+  EXTRA_WORK="$SITE-extras.wheels" extras_ok=1
+  for d in "${EXTRA_SETS[@]}"; do
+    bash gpu/install_wheelset.sh "$d" --check-only --work "$EXTRA_WORK/$(basename "$d")" >/dev/null || extras_ok=0
+  done
+  if [ $extras_ok -eq 1 ]; then
     missing=()
     while read -r spec module; do
       [[ -z "$spec" || "$spec" == \#* ]] && continue
@@ -72,8 +81,8 @@ if [ -d "$WHEELS/extras" ]; then
       else check="import $module"; fi
       "$PY" -c "$check" 2>/dev/null && continue
       name=${spec%%==*} version=${spec#*==}
-      wheel=$(ls "$EXTRA_WORK"/wheels/"${name//-/_}"-"$version"-*.whl "$EXTRA_WORK"/wheels/"$name"-"$version"-*.whl 2>/dev/null | head -1)
-      [ -n "$wheel" ] && missing+=("$wheel") || echo "no wheel for $spec in $WHEELS/extras"
+      wheel=$(ls "$EXTRA_WORK"/*/wheels/"${name//-/_}"-"$version"-*.whl "$EXTRA_WORK"/*/wheels/"$name"-"$version"-*.whl 2>/dev/null | head -1)
+      [ -n "$wheel" ] && missing+=("$wheel") || echo "no wheel for $spec in ${EXTRA_SETS[*]}"
     done <gpu/extras.txt
     if [ ${#missing[@]} -eq 0 ] || "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade \
                                          --target "$EXTRA_SITE" "${missing[@]}"; then
@@ -82,7 +91,7 @@ if [ -d "$WHEELS/extras" ]; then
       record install_extras "failed: pip install of ${#missing[@]} extra wheels"
     fi
   else
-    record install_extras "failed: gpu/install_wheelset.sh --check-only $WHEELS/extras"
+    record install_extras "failed: gpu/install_wheelset.sh --check-only ${EXTRA_SETS[*]}"
   fi
 fi
 
@@ -113,7 +122,7 @@ if [ $? -eq 0 ]; then record preflight ok; else record preflight failed; finish;
 # 4. The GPU tests (vLLM LoRA versions, sleep/wake, DeepSpeed adapters, tiny Π→Θ→Π on one GPU).
 if [[ ",$STEPS," == *",tests,"* ]]; then
   step "pytest -m gpu"
-  timeout 420 "$PY" -m pytest tests/gpu -m gpu -q -rA -p no:cacheprovider --durations=0 \
+  timeout "${TEST_TIMEOUT:-420}" "$PY" -m pytest ${TESTS:-tests/gpu} -m gpu -q -rA -p no:cacheprovider --durations=0 \
     --junitxml="$RESULTS/pytest-gpu.xml" 2>&1 | tee "$RESULTS/pytest-gpu.txt"
   rc=${PIPESTATUS[0]}
   if [ "$rc" -eq 0 ]; then record tests "ok ($(tail -1 "$RESULTS/pytest-gpu.txt"))"
@@ -123,10 +132,10 @@ fi
 # 5. The benchmarks (not tests: numbers for the README's performance section).
 if [[ ",$STEPS," == *",bench,"* ]]; then
   step "bench/gpu_serving.py"
-  if timeout 300 "$PY" bench/gpu_serving.py --json "$RESULTS/bench_serving.json"; then record bench_serving ok
+  if timeout "${SERVING_TIMEOUT:-300}" "$PY" bench/gpu_serving.py ${SERVING_ARGS:-} --json "$RESULTS/bench_serving.json"; then record bench_serving ok
   else record bench_serving "failed (rc $?)"; fi
   step "bench/gpu_train.py"
-  if timeout 150 "$PY" bench/gpu_train.py --json "$RESULTS/bench_train.json"; then record bench_train ok
+  if timeout "${TRAIN_TIMEOUT:-150}" "$PY" bench/gpu_train.py ${TRAIN_ARGS:-} --json "$RESULTS/bench_train.json"; then record bench_train ok
   else record bench_train "failed (rc $?)"; fi
 fi
 finish

@@ -8,14 +8,17 @@ vLLM is computed by the pure functions of `vllm_args.py`.
   passed as token ids; vLLM's automatic prefix caching reuses the shared instructions + demos.
 - Every adapter version is added under a new name and a new integer id (`AdapterIds`), on
   top of the base model, which keeps serving: `add_lora` does not pause other requests.
-- sleep/wake use vLLM's sleep mode (placement timeshare): level 1 moves the weights to CPU
-  memory and drops the KV cache; level 2 drops the weights and reloads them on wake.
+- sleep/wake use vLLM's sleep mode (placement timeshare): level 1 moves the weights (and the
+  LoRA slots) to CPU memory and drops the KV cache. Level 2 is refused: in vLLM 0.26 it breaks
+  with LoRA enabled (vLLM issue #39934, see `VLLMEngine.__init__`).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import logging
+import os
 from typing import Any
 
 from bt_ray.config import InferenceConfig
@@ -31,6 +34,13 @@ class _VLLM:
     """The vLLM names bt-ray uses, imported together (and only here)."""
 
     def __init__(self) -> None:
+        # Set before vLLM starts its engine process (which inherits the environment):
+        # - without FlashInfer installed, vLLM's default sampler setting imports it and fails;
+        # - spawn, not fork, for the engine process: this process may hold a Ray driver or a CUDA
+        #   context (vLLM forces spawn itself only inside Ray actors or after CUDA init).
+        if importlib.util.find_spec("flashinfer") is None:
+            os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         try:
             import vllm
             from vllm import AsyncEngineArgs, SamplingParams
@@ -49,6 +59,11 @@ class VLLMEngine:
     def __init__(self, model_dir: str, config: InferenceConfig, dtype: str = "auto"):
         from transformers import AutoTokenizer
 
+        if config.vllm.sleep_level == 2:
+            # vLLM 0.26 with LoRA: reload_weights() fails on the LoRA-wrapped layers (their weights sit
+            # under `base_layer`), and level 2 also discards the LoRA slots (vLLM issue #39934).
+            raise EngineError("inference.vllm.sleep_level=2 does not work with LoRA adapters in vLLM 0.26 "
+                              "(vLLM issue #39934); set inference.vllm.sleep_level=1")
         self._vllm = vllm = _VLLM()
         self.config = config
         self.kwargs = engine_kwargs(config, model_dir, dtype)
@@ -77,6 +92,8 @@ class VLLMEngine:
         if final is None or not final.outputs:
             raise EngineError(f"vLLM returned no output for request {request_id}")
         completion = final.outputs[0]
+        if completion.finish_reason in ("abort", "error"):  # e.g. aborted by sleep() while in flight
+            raise EngineError(f"vLLM ended request {request_id} with finish_reason={completion.finish_reason!r}")
         self.served += 1
         return GenerationResult(
             request_id=request.request_id, text=completion.text, prompt_tokens=len(ids),
@@ -108,19 +125,14 @@ class VLLMEngine:
         level = self.config.vllm.sleep_level
         if level == 0:
             raise EngineError("this vLLM engine was started without sleep mode; set inference.vllm.sleep_level=1 "
-                              "(or 2) to let replicas free their GPU during training")
-        await self.llm.sleep(level)
+                              "to let replicas free their GPU during training")
+        await self.llm.sleep(level)  # vLLM aborts requests still in flight and clears its prefix cache
         self.asleep = True
 
     async def wake(self) -> None:
         if not self.asleep:
             return
-        if self.config.vllm.sleep_level == 2:  # level 2 dropped the weights: reload them before the KV cache
-            await self.llm.wake_up(tags=["weights"])  # (vLLM's own sleep-mode test does it in this order)
-            await self.llm.collective_rpc("reload_weights")
-            await self.llm.wake_up(tags=["kv_cache"])
-        else:
-            await self.llm.wake_up()
+        await self.llm.wake_up()  # weights (and LoRA slots) back from CPU memory, a fresh KV cache
         await self.llm.reset_prefix_cache()
         self.asleep = False
 

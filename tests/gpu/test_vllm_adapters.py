@@ -32,10 +32,27 @@ def adapters(tiny_model, ray_gpu, tmp_path_factory):
             for word in (7, 9)}
 
 
+def wait_for_steady_gpu_memory(timeout_s: float = 60.0) -> None:
+    """vLLM 0.26 fails its start-up memory profiling if another process (the training workers that just
+    exited) frees GPU memory meanwhile (gpu_worker.py: "Error in memory profiling")."""
+    import time
+
+    import torch
+
+    deadline, last = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        free = torch.cuda.mem_get_info()[0]
+        if last is not None and abs(free - last) < 2**24:
+            return
+        last = free
+        time.sleep(2.0)
+
+
 @pytest.fixture(scope="module")
 def engine(tiny_model, adapters, loop):
     from bt_ray.inference.vllm_compat import VLLMEngine
 
+    wait_for_steady_gpu_memory()
     config = InferenceConfig(engine="vllm", max_batch_size=32, vllm=VLLMConfig(
         max_lora_rank=8, max_loras=2, gpu_memory_utilization=0.3, max_model_len=512, enforce_eager=True))
     engine = VLLMEngine(tiny_model, config)

@@ -113,7 +113,7 @@ class FakeAsyncLLM:
         self.calls.append(("remove_lora", lora_id))
         return self.loras.pop(lora_id, None) is not None
 
-    async def sleep(self, level=1):
+    async def sleep(self, level=1, mode="abort"):
         self.calls.append(("sleep", level))
 
     async def wake_up(self, tags=None):
@@ -122,7 +122,7 @@ class FakeAsyncLLM:
     async def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
         self.calls.append(("collective_rpc", method))
 
-    async def reset_prefix_cache(self):
+    async def reset_prefix_cache(self, reset_running_requests=False, reset_connector=False):
         self.calls.append(("reset_prefix_cache",))
         return True
 
@@ -205,17 +205,30 @@ def test_an_adapter_above_max_lora_rank_never_reaches_vllm(fake_vllm, model_dir,
     assert not [c for c in engine.llm.calls if c[0] == "add_lora"]
 
 
-@pytest.mark.parametrize("level, wake_calls", [
-    (1, [("wake_up", None)]),
-    (2, [("wake_up", ["weights"]), ("collective_rpc", "reload_weights"), ("wake_up", ["kv_cache"])]),
-])
-def test_sleep_and_wake_use_vllm_sleep_mode(fake_vllm, model_dir, level, wake_calls):
-    engine = make_engine(model_dir, sleep_level=level)
+def test_sleep_and_wake_use_vllm_sleep_mode(fake_vllm, model_dir):
+    engine = make_engine(model_dir, sleep_level=1)
     asyncio.run(engine.sleep())
     with pytest.raises(EngineError, match="asleep"):
         asyncio.run(engine.generate(GenerationRequest(({"role": "user", "content": "x"},))))
     asyncio.run(engine.wake())
-    assert engine.llm.calls == [("sleep", level), *wake_calls, ("reset_prefix_cache",)]
+    assert engine.llm.calls == [("sleep", 1), ("wake_up", None), ("reset_prefix_cache",)]
+
+
+def test_sleep_level_2_is_refused_with_lora(fake_vllm, model_dir):
+    with pytest.raises(EngineError, match="sleep_level=2.*set inference.vllm.sleep_level=1"):
+        make_engine(model_dir, sleep_level=2)
+
+
+def test_an_aborted_request_is_an_error_not_an_answer(fake_vllm, model_dir):
+    engine = make_engine(model_dir)
+
+    async def aborted(prompt, params, request_id, *, lora_request=None):
+        completion = types.SimpleNamespace(text="partial", token_ids=[1], finish_reason="abort")
+        yield types.SimpleNamespace(outputs=[completion], num_cached_tokens=0, finished=True)
+
+    engine.llm.generate = aborted
+    with pytest.raises(EngineError, match="finish_reason='abort'"):
+        asyncio.run(engine.generate(GenerationRequest(({"role": "user", "content": "x"},))))
 
 
 def test_sleep_without_sleep_mode_names_the_setting(fake_vllm, model_dir):
