@@ -6,7 +6,7 @@
 #   STEPS=tests bash scripts/gpu_check.sh     # only the tests; STEPS=bench: only the benchmarks
 #   WHEELS=/data/parts PYTHON=/opt/torch/bin/python3 bash scripts/gpu_check.sh
 #   TESTS=tests/gpu/test_vllm_adapters.py STEPS=tests bash scripts/gpu_check.sh   # some test files only
-# Also: TEST_TIMEOUT (420 s), SERVING_TIMEOUT (300), TRAIN_TIMEOUT (150), SERVING_ARGS / TRAIN_ARGS (bench flags).
+# Also: TEST_TIMEOUT (420 s, all tests), TEST_CASE_TIMEOUT (240 s, one test), SERVING_TIMEOUT (300), TRAIN_TIMEOUT (150), SERVING_ARGS / TRAIN_ARGS (bench flags).
 #
 # The node: Python 3.12 with torch (CUDA), transformers and peft; vllm, ray and dspy absent; no
 # network; files arrive in parts of at most 60 MiB. Build the parts anywhere with network:
@@ -122,7 +122,8 @@ if [ $? -eq 0 ]; then record preflight ok; else record preflight failed; finish;
 # 4. The GPU tests (vLLM LoRA versions, sleep/wake, DeepSpeed adapters, tiny Π→Θ→Π on one GPU).
 if [[ ",$STEPS," == *",tests,"* ]]; then
   step "pytest -m gpu"
-  timeout "${TEST_TIMEOUT:-420}" "$PY" -m pytest ${TESTS:-tests/gpu} -m gpu -q -rA -p no:cacheprovider --durations=0 \
+  timeout "${TEST_TIMEOUT:-420}" "$PY" -m pytest ${TESTS:-tests/gpu} -m gpu -v -rA -p no:cacheprovider --durations=0 \
+    --timeout "${TEST_CASE_TIMEOUT:-240}" \
     --junitxml="$RESULTS/pytest-gpu.xml" 2>&1 | tee "$RESULTS/pytest-gpu.txt"
   rc=${PIPESTATUS[0]}
   if [ "$rc" -eq 0 ]; then record tests "ok ($(tail -1 "$RESULTS/pytest-gpu.txt"))"

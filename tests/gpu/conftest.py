@@ -1,6 +1,7 @@
 """GPU fixtures (marker `gpu`; tests/conftest.py skips these tests without CUDA, so nothing here runs on CPU CI)."""
 
 import asyncio
+import sys
 
 import pytest
 
@@ -16,6 +17,13 @@ def examples(answer_word: int) -> list[list[dict]]:
     prompts = [words([100, 101, 102])] + [words([i, i + 1, i + 2]) for i in range(20, 35)]
     return [[{"role": "user", "content": p}, {"role": "assistant", "content": words([answer_word] * 4)}]
             for p in prompts]
+
+
+def pytest_runtest_logreport(report):
+    """Print a failure as it happens: a later hang, or the node's time running out, must not lose it
+    (pytest prints its failure reports only at the end of the session)."""
+    if report.failed:
+        print(f"\n--- FAILED {report.nodeid} ({report.when})\n{report.longreprtext}\n---", file=sys.stderr, flush=True)
 
 
 @pytest.fixture(scope="session")
