@@ -55,11 +55,14 @@ def _step_row(step: Any) -> dict[str, Any]:
 
 
 def _totals(steps: list) -> dict[str, Any]:
+    """What this run computed: steps reused from another run (a sweep's shared prefix) count there."""
+    own = [s for s in steps if not s.reused_from]
     return {
-        "wall_s": round(sum(s.wall_s for s in steps), 1),
-        "requests": sum((s.usage or {}).get("requests", 0) for s in steps),
-        "generated_tokens": sum((s.usage or {}).get("generated_tokens", 0) for s in steps),
-        "trained_tokens": sum(s.trained_tokens for s in steps),
+        "wall_s": round(sum(s.wall_s for s in own), 1),
+        "requests": sum((s.usage or {}).get("requests", 0) for s in own),
+        "generated_tokens": sum((s.usage or {}).get("generated_tokens", 0) for s in own),
+        "trained_tokens": sum(s.trained_tokens for s in own),
+        "reused_steps": len(steps) - len(own),
     }
 
 
@@ -81,7 +84,9 @@ def markdown(results: dict[str, Any]) -> str:
                      f"{row['dev_errors']}/{row['dev_n']} | {row['wall_s']:.0f} | {row['requests']} | "
                      f"{row['generated_tokens']} | {row['trained_tokens']} |")
     totals = results["totals"]
-    lines.append(f"| | **total** | | | | {totals['wall_s']:.0f} | {totals['requests']} | "
+    reused = totals.get("reused_steps", 0)
+    label = f"**total** (without the {reused} reused)" if reused else "**total**"
+    lines.append(f"| | {label} | | | | {totals['wall_s']:.0f} | {totals['requests']} | "
                  f"{totals['generated_tokens']} | {totals['trained_tokens']} |")
     lines += ["", "*errors*: dev examples where the program raised (for a small model, mostly answers that do not "
                   "follow DSPy's output format); they score 0."]

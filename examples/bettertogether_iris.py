@@ -2,6 +2,7 @@
 
     python examples/bettertogether_iris.py                   # Π→Θ→Π on Iris with the shipped SmolLM2-135M
     python examples/bettertogether_iris.py --strategy "p -> w"
+    python examples/bettertogether_iris.py --strategy "mipro -> w"   # DSPy's MIPROv2 behind the key "mipro"
     RAY_ADDRESS=auto python examples/bettertogether_iris.py  # join a running Ray cluster instead of starting one
 
 Subsamples are small so the laptop run takes a few minutes; drop the overrides for the paper's Iris sizes.
@@ -28,6 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--strategy", default="p -> w -> p")
     parser.add_argument("--output-dir", default="runs")
+    parser.add_argument("--mipro-trials", type=int, default=4, help="MIPROv2 trials when the strategy uses 'mipro'")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("dspy", "LiteLLM", "httpx", "filelock"):  # one line per unparsable answer is too many
@@ -40,8 +42,15 @@ def main() -> None:
         student = IrisProgram()
         student.set_lm(session.lm())  # was: student.set_lm(dspy.LM(...)); the pool is a dspy.LM
 
-        optimizer = bt_ray.BetterTogether(metric=metric)  # was: dspy.BetterTogether(metric=metric)
-        compiled = optimizer.compile(student, trainset=trainset, valset=valset, strategy=args.strategy)
+        optimizers, compile_args = {}, {}
+        if "mipro" in args.strategy:  # any DSPy Teleprompter can stand behind a key; its calls go through the pool
+            lm = session.lm()  # MIPROv2 wants a task and a prompt model; bt-ray rebinds the task to each step's version
+            optimizers["mipro"] = dspy.MIPROv2(metric, prompt_model=lm, task_model=lm, auto=None, num_candidates=3,
+                                               max_bootstrapped_demos=2, max_labeled_demos=2, num_threads=16)
+            compile_args["mipro"] = {"num_trials": args.mipro_trials, "minibatch": False}
+        optimizer = bt_ray.BetterTogether(metric=metric, **optimizers)  # was: dspy.BetterTogether(metric=metric)
+        compiled = optimizer.compile(student, trainset=trainset, valset=valset, strategy=args.strategy,
+                                     optimizer_compile_args=compile_args or None)
 
         for candidate in compiled.candidate_programs:  # best on valset first, as in DSPy
             print(f"{candidate['strategy'] or '(zero-shot)':>12}  valset {candidate['score']:5.1f}")

@@ -275,3 +275,15 @@ def test_a_cell_larger_than_the_cluster_fails_naming_the_keys(tmp_path, monkeypa
     sweep.dir.mkdir(parents=True)
     run._refuse_oversized({"CPU": 2.0, "GPU": 0.0})
     assert all(r.status == "failed" and "inference.replicas" in r.error for r in run.rows.values())
+
+
+def test_a_run_totals_only_the_steps_it_computed():
+    from bt_ray.report import _totals
+    from bt_ray.state import StepRecord
+
+    def step(i, reused_from=None):
+        return StepRecord(i, "p", "p", None, "", wall_s=10.0 * (i + 1), usage={"requests": 5, "generated_tokens": 50},
+                          trained_tokens=7, reused_from=reused_from)
+
+    totals = _totals([step(0, "parent"), step(1, "parent"), step(2)])  # steps 0, 1 computed by the parent cell
+    assert totals == {"wall_s": 30.0, "requests": 5, "generated_tokens": 50, "trained_tokens": 7, "reused_steps": 2}
