@@ -2,7 +2,10 @@
 
     python examples/bettertogether_iris.py                   # Π→Θ→Π on Iris with the shipped SmolLM2-135M
     python examples/bettertogether_iris.py --strategy "p -> w"
-    python examples/bettertogether_iris.py --strategy "mipro -> w"   # DSPy's MIPROv2 behind the key "mipro"
+    python examples/bettertogether_iris.py --strategy "mipro -> w" --prompt-model openai/gpt-4o-mini
+        # DSPy's MIPROv2 behind the key "mipro"; its program runs through the pool, its instruction proposer on
+        # --prompt-model (a LiteLLM id; the key from the environment). Left out, the proposer is the shipped
+        # 135M model, which does not follow MIPROv2's proposal format: the step fails with AdapterParseError.
     RAY_ADDRESS=auto python examples/bettertogether_iris.py  # join a running Ray cluster instead of starting one
 
 Subsamples are small so the laptop run takes a few minutes; drop the overrides for the paper's Iris sizes.
@@ -30,6 +33,7 @@ def main() -> None:
     parser.add_argument("--strategy", default="p -> w -> p")
     parser.add_argument("--output-dir", default="runs")
     parser.add_argument("--mipro-trials", type=int, default=4, help="MIPROv2 trials when the strategy uses 'mipro'")
+    parser.add_argument("--prompt-model", help="LiteLLM model id for MIPROv2's instruction proposals")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("dspy", "LiteLLM", "httpx", "filelock"):  # one line per unparsable answer is too many
@@ -45,9 +49,13 @@ def main() -> None:
         optimizers, compile_args = {}, {}
         if "mipro" in args.strategy:  # any DSPy Teleprompter can stand behind a key; its calls go through the pool
             lm = session.lm()  # MIPROv2 wants a task and a prompt model; bt-ray rebinds the task to each step's version
-            optimizers["mipro"] = dspy.MIPROv2(metric, prompt_model=lm, task_model=lm, auto=None, num_candidates=3,
-                                               max_bootstrapped_demos=2, max_labeled_demos=2, num_threads=16)
+            proposer = dspy.LM(args.prompt_model) if args.prompt_model else lm
+            optimizers["mipro"] = dspy.MIPROv2(metric, prompt_model=proposer, task_model=lm, auto=None,
+                                               num_candidates=3, max_bootstrapped_demos=2, max_labeled_demos=2,
+                                               num_threads=16)
             compile_args["mipro"] = {"num_trials": args.mipro_trials, "minibatch": False}
+            # as in DSPy, passing optimizers replaces the defaults: keep bt-ray's Π and Θ under p and w
+            optimizers.update(p=bt_ray.PromptOptimizer(), w=bt_ray.LoRAFinetune())
         optimizer = bt_ray.BetterTogether(metric=metric, **optimizers)  # was: dspy.BetterTogether(metric=metric)
         compiled = optimizer.compile(student, trainset=trainset, valset=valset, strategy=args.strategy,
                                      optimizer_compile_args=compile_args or None)

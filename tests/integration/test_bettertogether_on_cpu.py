@@ -48,3 +48,25 @@ def test_compile_p_w_on_the_shipped_model(ray_cluster, tmp_path):
     assert bt_ray.current_session() is None and session.pool is None  # shut down; Ray (the fixture's) stays up
     assert ray_cluster.is_initialized()
     assert (optimizer.run_dir / "results.md").exists()
+
+
+def test_a_dspy_teleprompter_behind_a_key_runs_on_the_adapter(ray_cluster, tmp_path):
+    """`fs -> w -> fs` with DSPy's own BootstrapFewShot under the key "fs" (as `gepa -> w -> gepa`): the first
+    runs on the base model, the second bootstraps and is scored through the pool on Θ's adapter version."""
+    splits = load_splits(TaskConfig(), seed=0)
+    trainset, valset = splits.train[:12], splits.dev[:6]
+    with bt_ray.init(None, [*SMALL, f"output_dir={tmp_path}"]) as session:
+        student = IrisProgram()
+        student.set_lm(session.lm())
+        fs = dspy.BootstrapFewShot(metric=metric, max_bootstrapped_demos=2, max_labeled_demos=2, max_errors=100)
+        optimizer = bt_ray.BetterTogether(metric=metric, w=bt_ray.LoRAFinetune(), fs=fs)
+        compiled = optimizer.compile(student, trainset=trainset, valset=valset, strategy="fs -> w -> fs")
+        version = f"{optimizer.run_dir.name}-v1"
+
+    steps = optimizer.results["steps"]
+    assert [s["strategy"] for s in steps] == ["vanilla", "fs", "fs→Θ", "fs→Θ→fs"]
+    assert steps[1]["details"]["optimizer"] == steps[3]["details"]["optimizer"] == "BootstrapFewShot"
+    assert set(steps[1]["requests_by_version"]) == {"base"}
+    assert set(steps[3]["requests_by_version"]) == {version}  # its bootstrapping and scoring ran on the adapter
+    after_fs = next(c["program"] for c in compiled.candidate_programs if c["strategy"] == "fs -> w -> fs")
+    assert {p.lm.model.rsplit("@", 1)[1] for p in after_fs.predictors()} == {version}
