@@ -91,8 +91,9 @@ def finetune(program: Any, trainset: list, metric: Callable, *, session: Any, ve
     if not examples:
         raise TrainingError(
             f"no traces passed the metric (threshold {config.metric_threshold:g}) on {len(trainset)} train "
-            f"examples, so there is nothing to fine-tune on; run 'p' first (e.g. 'p -> w') or lower "
-            f"train.metric_threshold")
+            f"examples ({stats['errors']} of {stats['traces_run']} raised, mostly unparsable answers), so there is "
+            f"nothing to fine-tune on: give the program demos with a 'p' step first (e.g. 'p -> w'), use a larger "
+            f"model.name, or lower train.metric_threshold (0 keeps every parsed trace)")
     init = session.pool.adapters[current_version] if current_version else None
     with session.training():  # timeshare: replicas sleep while training uses their GPUs
         result = train_lora(examples, config, str(session.model_dir), out_dir, name=version, seed=seed,

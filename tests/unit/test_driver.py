@@ -98,7 +98,7 @@ def test_best_dev_selection_prefers_earlier_step_on_ties(tmp_path, fake_trainer)
 
 def test_theta_with_no_passing_traces_fails_clearly(tmp_path, fake_trainer):
     always_wrong = lambda request: "[[ ## reasoning ## ]]\nno\n\n[[ ## answer ## ]]\ndaisy\n\n"  # noqa: E731
-    with pytest.raises(TrainingError, match="no traces passed the metric"):
+    with pytest.raises(TrainingError, match=r"no traces passed the metric .*\(0 of 50 raised.*'p' step first.*larger model"):
         Driver(_config(tmp_path, "strategy=w")).run(session=FakeSession(always_wrong))
     events = (tmp_path / "t" / "events.jsonl").read_text()
     assert '"event": "failed"' in events and (tmp_path / "t" / "state.json").exists()
