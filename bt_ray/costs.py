@@ -27,7 +27,7 @@ from typing import Any
 
 from bt_ray.config import from_dict
 from bt_ray.inference.placement import reserved
-from bt_ray.strategy import format_strategy, split_strategy
+from bt_ray.strategy import paper_notation, split_strategy
 
 FORMULA = ("CPU-s (GPU-s) = pool CPUs (GPUs) x step wall time + training CPUs (GPUs) x Ray Train wall time; "
            "pool = inference.replicas x inference.cpus_per_replica (gpus_per_replica; one GPU per replica with "
@@ -90,7 +90,7 @@ def phase_costs(runs: list) -> list[PhaseCost]:
                                float(row.get("wall_s") or 0.0), train_s, row.get("generated_tokens", 0),
                                row.get("trained_tokens", 0), row.get("reused_from")))
         test = run.test
-        returned = format_strategy(split_strategy(test.get("strategy") or ""), "paper")
+        returned = paper_notation(test.get("strategy") or "")
         costs.append(_cost(run, resources, None, "test", returned, float(test.get("wall_s") or 0.0),
                            0.0, test.get("generated_tokens", 0), 0, None))
     _mark_reuse(costs, runs)

@@ -8,7 +8,7 @@ from typing import Any
 
 from bt_ray.config import RunConfig, to_dict
 from bt_ray.costs import held
-from bt_ray.strategy import format_strategy, split_strategy
+from bt_ray.strategy import paper_notation
 
 
 def write_results(config: RunConfig, state: Any, splits: Any) -> dict[str, Any]:
@@ -18,7 +18,7 @@ def write_results(config: RunConfig, state: Any, splits: Any) -> dict[str, Any]:
         "task": config.task.name,
         "data": {"source": splits.source, "offline": splits.offline, **splits.sizes()},
         "model": config.model.name,
-        "strategy": format_strategy(split_strategy(config.strategy), "paper"),
+        "strategy": paper_notation(config.strategy),
         "seed": config.seed,
         "steps": [_step_row(s) for s in state.steps],
         "test": state.test,
@@ -36,7 +36,7 @@ def _step_row(step: Any) -> dict[str, Any]:
     usage = step.usage or {}
     return {
         "step": step.index,
-        "strategy": format_strategy(split_strategy(step.strategy), "paper"),
+        "strategy": paper_notation(step.strategy),
         "version": step.version or "base",
         "dev": step.dev.get("score"),
         "dev_n": step.dev.get("n"),
@@ -92,7 +92,7 @@ def markdown(results: dict[str, Any]) -> str:
                   "follow DSPy's output format); they score 0."]
     test = results.get("test")
     if test:
-        returned = format_strategy(split_strategy(test["strategy"]), "paper")
+        returned = paper_notation(test["strategy"])
         lines += ["", f"**Test: {test['score']:.1f}%** (n={test['n']}, {test['errors']} errors) for the program "
                       f"returned by step {test['step']} ({returned})."]
     return "\n".join(lines) + "\n"

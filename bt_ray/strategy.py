@@ -54,6 +54,11 @@ def format_strategy(steps: tuple[str, ...], style: str = "code") -> str:
     return " -> ".join(steps)
 
 
+def paper_notation(strategy: str) -> str:
+    """Any spelling of a strategy ('p -> w', 'p->w', 'Π→Θ') -> the paper's ('Π→Θ'); '' -> 'vanilla'."""
+    return format_strategy(split_strategy(strategy), "paper")
+
+
 def strategy_slug(text: str) -> str:
     """A directory-safe name: 'p -> w -> p' -> 'p-w-p'."""
     try:

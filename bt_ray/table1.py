@@ -23,13 +23,13 @@ import yaml
 
 from bt_ray import costs
 from bt_ray.errors import ConfigError
-from bt_ray.strategy import PAPER_STRATEGIES, StrategyError, format_strategy, split_strategy
+from bt_ray.strategy import PAPER_STRATEGIES, StrategyError, paper_notation, split_strategy
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PAPER = Path(__file__).resolve().parent.parent / "configs" / "paper_table1.yaml"
 TASK_ORDER = ("hotpotqa", "gsm8k", "iris")  # the paper's column order
-STRATEGY_ORDER = tuple(format_strategy(split_strategy(s), "paper") for s in PAPER_STRATEGIES)
+STRATEGY_ORDER = tuple(paper_notation(s) for s in PAPER_STRATEGIES)
 REQUIRED = ("run", "task", "model", "strategy", "seed", "steps", "test")
 
 
@@ -66,10 +66,6 @@ class Paper:
         """(the paper has this cell, its number); a cell it has may be None (not possible in the paper)."""
         key = (label, strategy, task.lower())
         return key in self.scores, self.scores.get(key)
-
-
-def paper_notation(strategy: str) -> str:
-    return format_strategy(split_strategy(strategy), "paper")
 
 
 def load_paper(path: str | Path | None) -> Paper:
