@@ -21,7 +21,7 @@ import random
 import tempfile
 import time
 
-from _common import PlainGenerateEngine, plain_lm  # noqa: E402 (sets the offline environment first)
+from _common import PlainGenerateEngine, model_dir, plain_lm  # noqa: E402 (sets the offline environment first)
 
 import dspy  # noqa: E402
 
@@ -85,21 +85,19 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    from bt_ray.config import ModelConfig, TaskConfig
-    from bt_ray.model import resolve_model
+    from bt_ray.config import TaskConfig
 
     task = get_task("iris")
     splits = task.load_splits(TaskConfig(), args.seed)
     dev = splits.dev[: args.dev_size]
     programs = candidates(task, splits.train, args.candidates, args.seed)
-    model_dir = str(resolve_model(ModelConfig().name, ModelConfig().cache_dir))
     calls = len(programs) * len(dev)
     print(f"{len(programs)} Iris candidates (3 labeled demos each) x {len(dev)} dev examples = {calls} program "
           f"calls; SmolLM2-135M fp32, greedy, max_tokens {args.max_tokens}, {os.cpu_count()} CPU cores")
 
     with tempfile.TemporaryDirectory() as out:
         bt_s, bt_scores, health = run_bt_ray(programs, dev, task.metric, out, args.max_tokens)
-    dspy_s, dspy_scores = run_dspy(programs, dev, task.metric, model_dir, args.threads, args.max_tokens)
+    dspy_s, dspy_scores = run_dspy(programs, dev, task.metric, model_dir(), args.threads, args.max_tokens)
 
     print(f"\n{'run':48} {'seconds':>8} {'examples/s':>11} {'x baseline':>11}")
     print(f"{f'dspy.Evaluate(num_threads={args.threads}), plain generate':48} {dspy_s:8.1f} "
