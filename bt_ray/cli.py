@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--out", help="where to write table1.md, the CSVs and PNGs (default: DIR/report)")
     report.add_argument("--estimate", metavar="SWEEP_YAML", help="also estimate what this sweep file's grid costs "
                         "from the phases measured in DIR, e.g. configs/paper_table1.yaml")
+    report.add_argument("--gpu-rates", nargs="+", metavar="BENCH_JSON", help="with --estimate: also price the "
+                        "measured tokens at the GPU benchmarks' rates (the --json of bench/gpu_serving.py and "
+                        "bench/gpu_train.py), e.g. bench/results/h200-2026-11-26-serving.json")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
@@ -114,13 +117,18 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from bt_ray.estimate import estimate, load_grid
+    from bt_ray.gpu_rates import load_rates
     from bt_ray.table1 import make_report
 
+    if args.gpu_rates and not args.estimate:
+        raise ConfigError("--gpu-rates prices a grid's phases: give the grid too, e.g. --estimate "
+                          "configs/paper_table1.yaml --gpu-rates BENCH.json")
     grid = load_grid(args.estimate) if args.estimate else None
+    rates = load_rates(args.gpu_rates) if args.gpu_rates else None
     report = make_report(args.dir, args.paper, args.out, extra_models=grid.models if grid else None)
     print(report.markdown)
     if grid:
-        text = estimate(grid, report.costs, report.table.runs)
+        text = estimate(grid, report.costs, report.table.runs, rates)
         (report.out / "estimate.md").write_text(text)
         print(text)
     written = ["table1.md", "table1.csv", "steps.csv", "costs.csv", "scores.png", "phases.png"]

@@ -63,7 +63,8 @@ class PhaseCost:
     cpu_s: float
     gpu_s: float
     generated_tokens: int
-    trained_tokens: int
+    trained_tokens: int  # answer tokens with a loss (labels), once
+    train_total_tokens: int  # every token the training ran through, over all epochs (what its compute scales with)
     reused_from: str | None = None
     counted: bool = True  # False: a reuse of a step counted at the run that computed it
 
@@ -73,7 +74,8 @@ class PhaseCost:
                 "step_strategy": self.step_strategy, "wall_s": round(self.wall_s, 2),
                 "train_wall_s": round(self.train_wall_s, 2), "cpu_s": round(self.cpu_s, 1),
                 "gpu_s": round(self.gpu_s, 1), "generated_tokens": self.generated_tokens,
-                "trained_tokens": self.trained_tokens, "reused_from": self.reused_from or "",
+                "trained_tokens": self.trained_tokens,
+                "train_total_tokens": self.train_total_tokens, "reused_from": self.reused_from or "",
                 "counted": self.counted}
 
 
@@ -85,24 +87,26 @@ def phase_costs(runs: list) -> list[PhaseCost]:
         for row in run.steps:
             code = split_strategy(row["strategy"])
             details = row.get("details") or {}
-            train_s = float((details.get("train") or {}).get("wall_s") or 0.0)
+            train = details.get("train") or {}
             costs.append(_cost(run, resources, row["step"], code[-1] if code else "vanilla", row["strategy"],
-                               float(row.get("wall_s") or 0.0), train_s, row.get("generated_tokens", 0),
-                               row.get("trained_tokens", 0), row.get("reused_from")))
+                               float(row.get("wall_s") or 0.0), float(train.get("wall_s") or 0.0),
+                               row.get("generated_tokens", 0), row.get("trained_tokens", 0),
+                               train.get("total_tokens", 0), row.get("reused_from")))
         test = run.test
         returned = paper_notation(test.get("strategy") or "")
         costs.append(_cost(run, resources, None, "test", returned, float(test.get("wall_s") or 0.0),
-                           0.0, test.get("generated_tokens", 0), 0, None))
+                           0.0, test.get("generated_tokens", 0), 0, 0, None))
     _mark_reuse(costs, runs)
     return costs
 
 
 def _cost(run: Any, resources: dict, step: int | None, phase: str, step_strategy: str, wall_s: float,
-          train_s: float, generated: int, trained: int, reused_from: str | None) -> PhaseCost:
+          train_s: float, generated: int, trained: int, train_total: int, reused_from: str | None) -> PhaseCost:
     pool, train = resources["pool"], resources["train"]
     return PhaseCost(run.name, run.dir, run.task, run.label, run.strategy, run.seed, step, phase, step_strategy,
                      wall_s, train_s, pool["CPU"] * wall_s + train["CPU"] * train_s,
-                     pool["GPU"] * wall_s + train["GPU"] * train_s, generated or 0, trained or 0, reused_from)
+                     pool["GPU"] * wall_s + train["GPU"] * train_s, generated or 0, trained or 0, train_total or 0,
+                     reused_from)
 
 
 def _mark_reuse(costs: list[PhaseCost], runs: list) -> None:
@@ -146,7 +150,7 @@ def _origin(reused_from: str, runs: list) -> Any:
 # ---------------------------------------------------------------- summaries
 
 
-FIELDS = ("wall_s", "cpu_s", "gpu_s", "generated_tokens", "trained_tokens")
+FIELDS = ("wall_s", "cpu_s", "gpu_s", "generated_tokens", "trained_tokens", "train_total_tokens")
 
 
 @dataclass
@@ -159,6 +163,7 @@ class Mean:
     gpu_s: float
     generated_tokens: float
     trained_tokens: float
+    train_total_tokens: float
 
 
 def _mean(rows: list[dict[str, float]]) -> Mean:

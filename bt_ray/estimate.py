@@ -116,8 +116,9 @@ def price(grid: Grid, phase_costs: list[costs.PhaseCost]) -> list[Priced]:
     return rows
 
 
-def estimate(grid: Grid, phase_costs: list[costs.PhaseCost], runs: list) -> str:
-    """The estimate as markdown: phases and hours per task x model, the grid's total, what it rests on."""
+def estimate(grid: Grid, phase_costs: list[costs.PhaseCost], runs: list, rates: Any = None) -> str:
+    """The estimate as markdown: phases and hours per task x model, the grid's total, what it rests on;
+    with `rates` (gpu_rates.Rates), also the GPU time those phases take at the measured GPU rates."""
     shared, alone = phases_per_seed(grid.strategies)
     kinds = [k for k in KINDS if k in shared] + sorted(set(shared) - set(KINDS))
     rows = price(grid, phase_costs)
@@ -138,6 +139,11 @@ def estimate(grid: Grid, phase_costs: list[costs.PhaseCost], runs: list) -> str:
     lines += ["", *_measured_table(phase_costs, kinds)]
     for caveat in _caveats(runs, phase_costs, grand, missing):
         lines += ["", caveat]
+    if rates is not None:
+        from bt_ray import gpu_rates
+
+        cells = len(grid.strategies) * len(grid.seeds)
+        lines += ["", *gpu_rates.section(gpu_rates.busy(rows, phase_costs, cells, rates), rates, runs)]
     return "\n".join(lines) + "\n"
 
 
@@ -179,7 +185,8 @@ def _caveats(runs: list, phase_costs: list[costs.PhaseCost], grand: dict[str, fl
         lines.append("**Measured on CPUs only** (no GPU was reserved): the CPU-hours are what this grid would take "
                      "on the same CPUs at the measured sizes; they do not predict GPU-hours, which depend on the GPU, "
                      "vLLM and the model (a 7-8B model on vLLM, not the shipped 135M model on transformers). "
-                     "Measure a few GPU runs of the grid's models and rerun this.")
+                     "Measure a few GPU runs of the grid's models and rerun this, or price the measured tokens at "
+                     "the GPU benchmarks' rates (--gpu-rates).")
     if missing:
         lines.append(f"Not measured in these runs, so not in the totals: {', '.join(sorted(missing))}.")
     lines.append(f"Extrapolated from {len(runs)} run(s): " + "; ".join(sorted(_settings(runs))) +

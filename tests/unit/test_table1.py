@@ -25,10 +25,10 @@ CONFIG = {  # the resources part of a resolved config: 2 replicas x 1 CPU, train
 }
 
 
-def step(index, strategy, dev, wall_s, generated, trained=0, train_wall_s=None, reused_from=None):
+def step(index, strategy, dev, wall_s, generated, trained=0, train_wall_s=None, reused_from=None, train_total=0):
     row = {"step": index, "strategy": strategy, "version": "base", "dev": dev, "dev_n": 10, "dev_errors": 0,
            "wall_s": wall_s, "requests": 5, "generated_tokens": generated, "trained_tokens": trained,
-           "details": {"train": {"wall_s": train_wall_s}} if train_wall_s is not None else {}}
+           "details": {"train": {"wall_s": train_wall_s, "total_tokens": train_total}} if train_wall_s else {}}
     if reused_from is not None:
         row["reused_from"] = reused_from
     return row
@@ -61,7 +61,7 @@ def sweep(tmp_path):
         write_run(root, f"iris-p-w-s{seed}", "iris", LLAMA3, "Π→Θ", seed,
                   [step(0, "vanilla", v - 5, 10.0, 100, reused_from=vanilla),
                    step(1, "Π", p - 5, 30.0, 300, reused_from=f"iris-p-s{seed}"),
-                   step(2, "Π→Θ", pw - 5, 50.0, 200, trained=1000, train_wall_s=20.0)], pw)
+                   step(2, "Π→Θ", pw - 5, 50.0, 200, trained=1000, train_wall_s=20.0, train_total=12000)], pw)
     write_run(root, "gsm8k-p-s0", "gsm8k", "smollm2-135m", "Π", 0,
               [step(0, "vanilla", 1.0, 8.0, 80), step(1, "Π", 3.0, 16.0, 160)], 2.0)
     running = root / "cells" / "iris-w-s0"
