@@ -136,8 +136,10 @@ def section(rows: list[Busy], rates: Rates, runs: list) -> list[str]:
     totals = [sum(getattr(r, k) or 0.0 for r in rows) for k in ("serve_s", "train_s", "start_s")]
     lines.append(f"| **grid** | | {sum(r.generated for r in rows):,.0f} | {sum(r.trained for r in rows):,.0f} | "
                  + " | ".join(_h(t) for t in totals) + f" | **{_h(sum(totals))}** |")
-    missing = [name for name, value in (("serving", rates.serve_tokens_per_s), ("training", rates.train_tokens_per_s),
-                                        ("engine start-up", rates.engine_start_s)) if value is None]
+    missing = [f"{name} ({bench})" for name, value, bench in (
+        ("serving", rates.serve_tokens_per_s, "bench/gpu_serving.py --json"),
+        ("training", rates.train_tokens_per_s, "bench/gpu_train.py --json"),
+        ("engine start-up", rates.engine_start_s, "bench/gpu_serving.py --json")) if value is None]
     lines += ["", f"Busy time: tokens over what one GPU did per second in the benchmark, plus one engine start per "
               f"cell (× its replicas on more GPUs) and one training start per Θ. Serving is priced at the slowest "
               f"measured arm ({rates.serve_arm or 'none'}). The tokens are the measured runs' "
@@ -145,7 +147,7 @@ def section(rows: list[Busy], rates: Rates, runs: list) -> list[str]:
               f"than these, and the benchmark's shapes stand for the grid's models. Reserved GPU-hours are higher: "
               f"replicas wait on the driver between requests and stay held through Θ."]
     if missing:
-        lines += ["", f"Not measured, so 0 above: {', '.join(missing)} ({HOW})."]
+        lines += ["", f"Not measured, so — in the table and 0 in the totals: {', '.join(missing)}, on the GPU."]
     return lines
 
 

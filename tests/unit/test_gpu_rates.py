@@ -63,7 +63,7 @@ def test_an_unmeasured_rate_is_named_not_guessed(sweep, tmp_path):  # noqa: F811
     rows = busy(price(grid, report.costs), report.costs, 24, rates)
     assert all(r.train_s is None and r.start_s is None for r in rows)
     section = estimate(grid, report.costs, report.table.runs, rates).split("### GPU time")[1]
-    assert "Not measured, so 0 above: training, engine start-up" in section and "| — | — |" in section
+    assert "training (bench/gpu_train.py --json), engine start-up" in section and "| — | — |" in section
 
 
 def test_bad_rates_files(sweep, tmp_path):  # noqa: F811
