@@ -11,7 +11,11 @@ then 100 tokens of its own), greedy, 128 new tokens, the same engine arguments
   (c) lora    (b) with a rank-32 q_proj,k_proj adapter active on every request
 
 Prints generated tokens/s of each and the ratios b/a and c/b, measured in this run
-(targets from issue 7: b/a >= 0.95, c/b >= 0.70). Not a test: numbers depend on the GPU.
+(targets from issue 7: b/a >= 0.95, c/b >= 0.70), and each engine's start-up seconds
+(engine_start_s: AsyncLLM.from_engine_args for (a), InferencePool.start for (b) and (c)).
+With --json the results file is rewritten as each arm finishes, so a run cut short keeps
+the arms it completed; a ratio is added once both of its arms are in. Not a test: numbers
+depend on the GPU.
 
     python bench/gpu_serving.py                              # 256 requests, 64 in flight
     python bench/gpu_serving.py --requests 512 --concurrency 128 --json results.json
@@ -25,6 +29,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -74,7 +79,9 @@ def raw_vllm(config, model_dir: str, reqs: list[GenerationRequest], concurrency:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompts = [prompt_ids(tokenizer, r.messages) for r in reqs]
     params = VSamplingParams(**sampling_kwargs(SAMPLING), output_kind=RequestOutputKind.FINAL_ONLY)
+    start = time.perf_counter()
     llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(config.inference, model_dir)))
+    engine_start_s = time.perf_counter() - start
 
     async def one(i: int, gate: asyncio.Semaphore) -> int:
         async with gate:
@@ -91,7 +98,7 @@ def raw_vllm(config, model_dir: str, reqs: list[GenerationRequest], concurrency:
 
     async def main() -> dict:
         await measure(range(warmup))  # also computes the shared prefix once, as in the other arms
-        return summary(*(await measure(range(len(reqs)))))
+        return {**summary(*(await measure(range(len(reqs))))), "engine_start_s": round(engine_start_s, 1)}
 
     try:
         return asyncio.run(main())
@@ -103,7 +110,9 @@ def raw_vllm(config, model_dir: str, reqs: list[GenerationRequest], concurrency:
 
 
 def through_pool(config, model_dir: str, reqs: list[GenerationRequest], concurrency: int, warmup: int,
-                 adapter_dir: str) -> tuple[dict, dict]:
+                 adapter_dir: str, on_arm: Callable[[str, dict], None] | None = None) -> tuple[dict, dict]:
+    """(b) and (c) on one pool; (b)'s dict has the pool's start-up seconds. `on_arm("bt_ray" | "lora",
+    result)` is called as each arm finishes, before the next one starts."""
     import ray
 
     from bt_ray.inference.placement import connect
@@ -111,11 +120,16 @@ def through_pool(config, model_dir: str, reqs: list[GenerationRequest], concurre
 
     connect(None)
     pool = InferencePool(config, model_dir, "bench")
+    start = time.perf_counter()
     pool.start(timeout_s=900)
+    engine_start_s = time.perf_counter() - start
+    report = on_arm or (lambda name, result: None)
     try:
-        base = pool_arm(pool, reqs, concurrency, warmup, None)
+        base = {**pool_arm(pool, reqs, concurrency, warmup, None), "engine_start_s": round(engine_start_s, 1)}
+        report("bt_ray", base)
         pool.load_adapter("bench-v1", adapter_dir)
         lora = pool_arm(pool, reqs, concurrency, warmup, "bench-v1")
+        report("lora", lora)
     finally:
         pool.shutdown()
         ray.shutdown()
@@ -168,20 +182,31 @@ def main() -> None:
     results = {"gpu": torch.cuda.get_device_name(0), "model": "Llama-3-8B shapes, dummy weights, bf16",
                "requests": args.requests, "concurrency": args.concurrency, "prompt_tokens": "600 shared + 100 own",
                "max_tokens": SAMPLING.max_tokens, "eager": args.eager}
+    labels = {"raw": "(a) raw vLLM       ", "bt_ray": "(b) bt-ray replica ", "lora": "(c) + LoRA r32 q,k "}
+
+    def record(name: str, result: dict) -> None:
+        """Print an arm's result and, with --json, rewrite the file with every arm finished so far."""
+        results[name] = result
+        print(f"{labels[name]} {result}", flush=True)
+        for ratio, (top, bottom) in {"bt_ray_vs_raw": ("bt_ray", "raw"), "lora_vs_base": ("lora", "bt_ray")}.items():
+            if top in results and bottom in results:
+                results[ratio] = round(results[top]["tokens_per_s"] / results[bottom]["tokens_per_s"], 3)
+        if args.json:
+            write_json(Path(args.json), results)
+
     print(f"{results['gpu']}: {args.requests} requests, {args.concurrency} in flight", flush=True)
-    results["raw"] = raw_vllm(config, model_dir, reqs, args.concurrency, args.warmup)
-    print(f"(a) raw vLLM        {results['raw']}", flush=True)
+    record("raw", raw_vllm(config, model_dir, reqs, args.concurrency, args.warmup))
     wait_for_free_gpu()
-    results["bt_ray"], results["lora"] = through_pool(config, model_dir, reqs, args.concurrency, args.warmup,
-                                                      adapter_dir)
-    print(f"(b) bt-ray replica  {results['bt_ray']}", flush=True)
-    print(f"(c) + LoRA r32 q,k  {results['lora']}", flush=True)
-    results["bt_ray_vs_raw"] = round(results["bt_ray"]["tokens_per_s"] / results["raw"]["tokens_per_s"], 3)
-    results["lora_vs_base"] = round(results["lora"]["tokens_per_s"] / results["bt_ray"]["tokens_per_s"], 3)
+    through_pool(config, model_dir, reqs, args.concurrency, args.warmup, adapter_dir, on_arm=record)
     print(f"bt-ray / raw = {results['bt_ray_vs_raw']} (target >= 0.95); "
           f"LoRA / base = {results['lora_vs_base']} (target >= 0.70)")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+def write_json(path: Path, results: dict) -> None:
+    """Replace the file whole (a run killed mid-write leaves the previous version, not half a file)."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(results, indent=2))
+    partial.replace(path)
 
 
 if __name__ == "__main__":

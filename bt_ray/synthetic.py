@@ -1,7 +1,7 @@
 """Models that need no download, for GPU tests and benchmarks (like DSPy's DummyLM, shipped with the package).
 
     word_tokenizer(out_dir, vocab_size)      a word-level tokenizer with a chat template
-    random_model(out_dir, config, ...)       a random-weight checkpoint of any Llama-type config
+    random_model(out_dir, config, ...)       a random-weight checkpoint of any Llama-type config (CPU or a device)
     write_config_only(out_dir, config, ...)  config + tokenizer, no weights (vLLM load_format=dummy)
     random_lora(out_dir, config, rank)       a peft-format adapter of random values for that config
 
@@ -69,17 +69,34 @@ def write_config_only(out_dir: str | Path, config: dict[str, Any], tokenizer_voc
     return out
 
 
-def random_model(out_dir: str | Path, config: dict[str, Any], vocab_size: int = 512, seed: int = 0) -> Path:
-    """A random-weight LlamaForCausalLM checkpoint (bf16) with a word tokenizer, saved to `out_dir`."""
+def random_model(out_dir: str | Path, config: dict[str, Any], vocab_size: int = 512, seed: int = 0,
+                 device: str | None = None) -> Path:
+    """A random-weight LlamaForCausalLM checkpoint (bf16) with a word tokenizer, saved to `out_dir`.
+
+    `device=None` builds it on the CPU in fp32, then casts to bf16. A device ("cuda", "cpu") builds it
+    directly in bf16 on that device: no fp32 copy, so an 8B model needs 16 GB and seconds, not 32 GB and
+    minutes (for the same seed its values need not match the device=None ones)."""
     import torch
     from transformers import LlamaForCausalLM
 
     out = Path(out_dir)
     word_tokenizer(out, vocab_size)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(_llama_config(config, vocab_size)).to(torch.bfloat16)
+    if device is None:
+        model = LlamaForCausalLM(_llama_config(config, vocab_size)).to(torch.bfloat16)
+    else:
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)  # parameters are created in bf16 (works with transformers 4 and 5)
+        try:
+            with torch.device(device):
+                model = LlamaForCausalLM(_llama_config(config, vocab_size))
+        finally:
+            torch.set_default_dtype(previous)
     model.generation_config.eos_token_id = SPECIALS.index("<|im_end|>")
     model.save_pretrained(out)
+    if device is not None and torch.device(device).type == "cuda":
+        del model
+        torch.cuda.empty_cache()  # give the memory back to whoever loads the checkpoint next (a training worker)
     return out
 
 
