@@ -4,9 +4,11 @@
 #
 #   bash scripts/gpu_check.sh                 # wheel parts under .whl/stack and .whl/extras
 #   STEPS=tests bash scripts/gpu_check.sh     # only the tests; STEPS=bench: only the benchmarks
+#   STEPS=serving,train8b ...                 # bench = serving,train,train8b (8B: LoRA training rate for estimates)
 #   WHEELS=/data/parts PYTHON=/opt/torch/bin/python3 bash scripts/gpu_check.sh
 #   TESTS=tests/gpu/test_vllm_adapters.py STEPS=tests bash scripts/gpu_check.sh   # some test files only
-# Also: TEST_TIMEOUT (420 s, all tests), TEST_CASE_TIMEOUT (240 s, one test), SERVING_TIMEOUT (300), TRAIN_TIMEOUT (150), SERVING_ARGS / TRAIN_ARGS (bench flags).
+# Also: TEST_TIMEOUT (420 s, all tests), TEST_CASE_TIMEOUT (240 s, one test), SERVING_TIMEOUT (300), TRAIN_TIMEOUT (150),
+# TRAIN8B_TIMEOUT (240), SERVING_ARGS / TRAIN_ARGS / TRAIN8B_ARGS (bench flags).
 #
 # The node: Python 3.12 with torch (CUDA), transformers and peft; vllm, ray and dspy absent; no
 # network; files arrive in parts of at most 60 MiB. Build the parts anywhere with network:
@@ -15,7 +17,7 @@
 # and copy the partN folders under .whl/stack/ and .whl/extras/ on the node (.whl/ is git-ignored). Every
 # .whl/extras* folder with a MANIFEST is an extra set (so the model can come as its own set, extras-model/).
 # Results: gpu_check.log, gpu.csv, preflight.json, pytest-gpu.xml/.txt, bench_serving.json,
-# bench_train.json, summary.txt. Exit status: 0 only if every step that ran passed.
+# bench_train.json, bench_train_llama-3-8b.json, summary.txt. Exit status: 0 only if every step that ran passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -26,6 +28,7 @@ PY=${PYTHON:-python3}
 WHEELS=${WHEELS:-$REPO/.whl}
 SITE=${SITE:-/tmp/bt-ray-site}
 STEPS=${STEPS:-tests,bench}
+[[ ",$STEPS," == *",bench,"* ]] && STEPS="$STEPS,serving,train,train8b"
 
 # Ray token auth off for these checks only: their one-node Ray (ray.init) on the isolated GPU node is used over
 # loopback by this script's own processes; every cluster file in cluster/ keeps it on.
@@ -41,7 +44,10 @@ step() { echo; echo "== $(date -u +%H:%M:%S) $*"; }
 record() { RESULT[$1]=$2; echo "$1: $2"; }
 
 finish() {
-  { echo "bt-ray gpu_check $(date -u +%FT%TZ) commit $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null)"
+  # a copied .git can lag the copied working tree: say so rather than name a commit that did not run
+  local tree; tree=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null)
+  git -C "$REPO" diff --quiet HEAD -- bt_ray bench tests scripts 2>/dev/null || tree="$tree + uncommitted changes"
+  { echo "bt-ray gpu_check $(date -u +%FT%TZ) commit $tree"
     for k in "${!RESULT[@]}"; do echo "$k: ${RESULT[$k]}"; done | sort; } >"$RESULTS/summary.txt"
   cat "$RESULTS/summary.txt"
   for v in "${RESULT[@]}"; do [ "${v%% *}" = ok ] || exit 1; done
@@ -131,12 +137,21 @@ if [[ ",$STEPS," == *",tests,"* ]]; then
 fi
 
 # 5. The benchmarks (not tests: numbers for the README's performance section).
-if [[ ",$STEPS," == *",bench,"* ]]; then
+# bench/gpu_serving.py writes its JSON after every arm, so a timeout keeps the arms that finished.
+if [[ ",$STEPS," == *",serving,"* ]]; then
   step "bench/gpu_serving.py"
   if timeout "${SERVING_TIMEOUT:-300}" "$PY" bench/gpu_serving.py ${SERVING_ARGS:-} --json "$RESULTS/bench_serving.json"; then record bench_serving ok
   else record bench_serving "failed (rc $?)"; fi
+fi
+if [[ ",$STEPS," == *",train,"* ]]; then
   step "bench/gpu_train.py"
   if timeout "${TRAIN_TIMEOUT:-150}" "$PY" bench/gpu_train.py ${TRAIN_ARGS:-} --json "$RESULTS/bench_train.json"; then record bench_train ok
   else record bench_train "failed (rc $?)"; fi
+fi
+if [[ ",$STEPS," == *",train8b,"* ]]; then
+  step "bench/gpu_train.py --arch llama-3-8b"
+  if timeout "${TRAIN8B_TIMEOUT:-240}" "$PY" bench/gpu_train.py --arch llama-3-8b --epochs 1 --examples 32 ${TRAIN8B_ARGS:-} \
+       --json "$RESULTS/bench_train_llama-3-8b.json"; then record bench_train_8b ok
+  else record bench_train_8b "failed (rc $?)"; fi
 fi
 finish
