@@ -98,6 +98,8 @@ class Priced:
     wall_s: float = 0.0
     cpu_s: float = 0.0
     gpu_s: float = 0.0
+    generated_tokens: float = 0.0
+    train_total_tokens: float = 0.0  # tokens trained through, all epochs (what gpu_rates prices)
 
 
 def price(grid: Grid, phase_costs: list[costs.PhaseCost]) -> list[Priced]:
@@ -112,6 +114,8 @@ def price(grid: Grid, phase_costs: list[costs.PhaseCost]) -> list[Priced]:
                     row.wall_s += count * mean.wall_s
                     row.cpu_s += count * mean.cpu_s
                     row.gpu_s += count * mean.gpu_s
+                    row.generated_tokens += count * mean.generated_tokens
+                    row.train_total_tokens += count * mean.train_total_tokens
             rows.append(row)
     return rows
 
@@ -143,7 +147,7 @@ def estimate(grid: Grid, phase_costs: list[costs.PhaseCost], runs: list, rates: 
         from bt_ray import gpu_rates
 
         cells = len(grid.strategies) * len(grid.seeds)
-        lines += ["", *gpu_rates.section(gpu_rates.busy(rows, phase_costs, cells, rates), rates, runs)]
+        lines += ["", *gpu_rates.section(gpu_rates.busy(rows, cells, rates), rates, runs)]
     return "\n".join(lines) + "\n"
 
 

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bt_ray import costs
 from bt_ray.errors import ConfigError
 
 HOW = "bench/gpu_serving.py --json FILE or bench/gpu_train.py --json FILE on the GPU"
@@ -101,18 +100,11 @@ class Busy:
     tokens_from: str  # where the phases' tokens were measured (as the estimate's 'priced from')
 
 
-def busy(rows: list, phase_costs: list[costs.PhaseCost], cells_per_row: int, rates: Rates) -> list[Busy]:
-    """`rows`: estimate.Priced (phase counts per kind); tokens per phase at the measured means, as the estimate."""
-    from bt_ray.estimate import measured
-
+def busy(rows: list, cells_per_row: int, rates: Rates) -> list[Busy]:
+    """`rows`: estimate.Priced, whose phases' tokens were summed at the measured means like their costs."""
     out = []
     for row in rows:
-        generated = trained = 0.0
-        for kind, count in row.phases.items():
-            mean, _ = measured(phase_costs, row.task, row.model, kind)
-            if mean is not None:
-                generated += count * mean.generated_tokens
-                trained += count * mean.train_total_tokens
+        generated, trained = row.generated_tokens, row.train_total_tokens
         serve = generated / rates.serve_tokens_per_s if rates.serve_tokens_per_s else None
         train = trained / rates.train_tokens_per_s if rates.train_tokens_per_s else None
         start = None

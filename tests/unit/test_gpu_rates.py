@@ -43,7 +43,7 @@ def test_paper_grid_busy_time(sweep, tmp_path):  # noqa: F811
     rates = load_rates([write(tmp_path, "serving.json", SERVING), write(tmp_path, "train.json", TRAIN)])
     rows = price(grid, report.costs)
     cells = len(grid.strategies) * len(grid.seeds)  # 24 cells per task x model
-    got = {(b.task, b.model): b for b in busy(rows, report.costs, cells, rates)}
+    got = {(b.task, b.model): b for b in busy(rows, cells, rates)}
     iris = got[("iris", "llama-3-8b-instruct")]
     # 3 vanilla x 100 + 12 Π x 300 + 9 Θ x 200 + 24 tests x 7 generated tokens; 9 Θ x 12000 trained through
     assert iris.generated == 3 * 100 + 12 * 300 + 9 * 200 + 24 * 7 and iris.trained == 9 * 12000
@@ -60,7 +60,7 @@ def test_an_unmeasured_rate_is_named_not_guessed(sweep, tmp_path):  # noqa: F811
     report = make_report(sweep)
     grid = load_grid("configs/paper_table1.yaml")
     rates = load_rates([write(tmp_path, "serving.json", {"gpu": "Test GPU", "raw": {"tokens_per_s": 1000.0}})])
-    rows = busy(price(grid, report.costs), report.costs, 24, rates)
+    rows = busy(price(grid, report.costs), 24, rates)
     assert all(r.train_s is None and r.start_s is None for r in rows)
     section = estimate(grid, report.costs, report.table.runs, rates).split("### GPU time")[1]
     assert "training (bench/gpu_train.py --json), engine start-up" in section and "| — | — |" in section
