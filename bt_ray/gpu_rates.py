@@ -125,9 +125,10 @@ def section(rows: list[Busy], rates: Rates, runs: list) -> list[str]:
         parts = [row.serve_s, row.train_s, row.start_s]
         lines.append(f"| {row.task} · {row.model} | {row.tokens_from} | {row.generated:,.0f} | {row.trained:,.0f} | "
                      + " | ".join(_h(p) for p in parts) + f" | {_h(sum(p or 0.0 for p in parts))} |")
-    totals = [sum(getattr(r, k) or 0.0 for r in rows) for k in ("serve_s", "train_s", "start_s")]
+    columns = [[getattr(r, k) for r in rows if getattr(r, k) is not None] for k in ("serve_s", "train_s", "start_s")]
+    totals = [sum(c) if c else None for c in columns]  # a column nothing measured stays —, not 0
     lines.append(f"| **grid** | | {sum(r.generated for r in rows):,.0f} | {sum(r.trained for r in rows):,.0f} | "
-                 + " | ".join(_h(t) for t in totals) + f" | **{_h(sum(totals))}** |")
+                 + " | ".join(_h(t) for t in totals) + f" | **{_h(sum(t or 0.0 for t in totals))}** |")
     missing = [f"{name} ({bench})" for name, value, bench in (
         ("serving", rates.serve_tokens_per_s, "bench/gpu_serving.py --json"),
         ("training", rates.train_tokens_per_s, "bench/gpu_train.py --json"),
@@ -139,7 +140,7 @@ def section(rows: list[Busy], rates: Rates, runs: list) -> list[str]:
               f"than these, and the benchmark's shapes stand for the grid's models. Reserved GPU-hours are higher: "
               f"replicas wait on the driver between requests and stay held through Θ."]
     if missing:
-        lines += ["", f"Not measured, so — in the table and 0 in the totals: {', '.join(missing)}, on the GPU."]
+        lines += ["", f"Not measured, so — in the table and left out of the GPU-h totals: {', '.join(missing)}, on the GPU."]
     return lines
 
 

@@ -64,6 +64,8 @@ def test_an_unmeasured_rate_is_named_not_guessed(sweep, tmp_path):  # noqa: F811
     assert all(r.train_s is None and r.start_s is None for r in rows)
     section = estimate(grid, report.costs, report.table.runs, rates).split("### GPU time")[1]
     assert "training (bench/gpu_train.py --json), engine start-up" in section and "| — | — |" in section
+    grid_row = next(line for line in section.splitlines() if line.startswith("| **grid**"))
+    assert grid_row.split(" | ")[-3:-1] == ["—", "—"]  # the grid's training and start-up columns: not 0.00
 
 
 def test_bad_rates_files(sweep, tmp_path):  # noqa: F811
