@@ -140,7 +140,8 @@ def section(rows: list[Busy], rates: Rates, runs: list) -> list[str]:
               f"than these, and the benchmark's shapes stand for the grid's models. Reserved GPU-hours are higher: "
               f"replicas wait on the driver between requests and stay held through Θ."]
     if missing:
-        lines += ["", f"Not measured, so — in the table and left out of the GPU-h totals: {', '.join(missing)}, on the GPU."]
+        lines += ["", f"Not measured, so — in the table and left out of the GPU-h totals: {', '.join(missing)}, "
+                  "on the GPU."]
     return lines
 
 
