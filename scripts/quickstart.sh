@@ -12,6 +12,4 @@ venv="${BT_RAY_VENV:-.venv}"
 echo "==> running Π→Θ→Π on Iris (installed in $(( $(date +%s) - start ))s)"
 "$venv/bin/bt-ray" run configs/quickstart.yaml "$@"
 echo "==> quickstart finished in $(( $(date +%s) - start ))s"
-name=quickstart
-for arg in "$@"; do case "$arg" in name=*) name="${arg#name=}" ;; esac; done
-echo "==> next: source $venv/bin/activate, then bt-ray report runs/$name, or bt-ray run configs/iris.yaml (README: Running it)"
+echo "==> next: source $venv/bin/activate, then bt-ray report <the run dir above>, or bt-ray run configs/iris.yaml (README: Running it)"
