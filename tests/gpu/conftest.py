@@ -5,18 +5,7 @@ import sys
 
 import pytest
 
-from bt_ray.synthetic import words
-
-# A small random-weight Llama: vLLM starts it in seconds; LoRA learns a fixed answer in a few steps.
-TINY = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "head_dim": 64, "max_position_embeddings": 2048}
-
-
-def examples(answer_word: int) -> list[list[dict]]:
-    """16 prompts (the test prompt among them), all answered with the same four words."""
-    prompts = [words([100, 101, 102])] + [words([i, i + 1, i + 2]) for i in range(20, 35)]
-    return [[{"role": "user", "content": p}, {"role": "assistant", "content": words([answer_word] * 4)}]
-            for p in prompts]
+from tests.tiny import TINY
 
 
 def pytest_runtest_logreport(report):

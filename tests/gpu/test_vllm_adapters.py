@@ -11,7 +11,7 @@ from bt_ray.errors import AdapterError
 from bt_ray.inference.engine import GenerationRequest, SamplingParams
 from bt_ray.synthetic import words
 
-from .conftest import examples
+from tests.tiny import examples
 
 pytestmark = pytest.mark.gpu
 
