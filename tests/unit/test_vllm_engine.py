@@ -42,6 +42,30 @@ def test_sampling_maps_dspy_settings_and_stops_at_the_completion_marker():
     assert "seed" not in sampling_kwargs(SamplingParams(seed=None))
 
 
+def test_dspy_settings_reach_vllm_and_n_candidates_are_n_samples():
+    """DSPy 3.4 sends n candidates as n requests to a custom engine (its Config has no n): each must
+    reach vLLM with DSPy's temperature and max tokens, the completion marker as a stop, and its own
+    seed, so the n candidates are n samples, not one answer n times. FakePool: no model."""
+    import dspy
+
+    from bt_ray.inference.lm import pool_lm
+
+    from .fakes import FakePool, unique_tag
+
+    pool = FakePool(responder=lambda r: f"[[ ## answer ## ]]\nseed {r.sampling.seed}\n\n[[ ## completed ## ]]")
+    pool.load_adapter("run-v2", "/fake/adapter")
+    lm = pool_lm(pool, unique_tag(), "run-v2", temperature=0.7, max_tokens=50)
+    with dspy.context(lm=lm, adapter=dspy.ChatAdapter()):
+        answers = dspy.Predict("question -> answer", n=3)(question="2+2?").completions.answer
+    assert len(pool.requests) == 3 and len(set(answers)) == 3
+    mapped = [sampling_kwargs(r.sampling) for r in pool.requests]
+    assert all(r.adapter == "run-v2" for r in pool.requests)
+    for kwargs in mapped:
+        assert (kwargs["n"], kwargs["temperature"], kwargs["max_tokens"]) == (1, 0.7, 50)
+        assert COMPLETION_MARKER in kwargs["stop"]
+    assert len({kwargs["seed"] for kwargs in mapped}) == 3
+
+
 def test_adapter_ids_are_never_reused():
     ids = AdapterIds()
     assert (ids.assign("run-v1"), ids.assign("run-v2")) == (1, 2)
