@@ -107,9 +107,10 @@ def busy(rows: list, cells_per_row: int, rates: Rates) -> list[Busy]:
         generated, trained = row.generated_tokens, row.train_total_tokens
         serve = generated / rates.serve_tokens_per_s if rates.serve_tokens_per_s else None
         train = trained / rates.train_tokens_per_s if rates.train_tokens_per_s else None
-        start = None
-        if rates.engine_start_s is not None:
-            start = cells_per_row * rates.engine_start_s + row.phases.get("w", 0) * (rates.train_start_s or 0.0)
+        starts = [cells_per_row * rates.engine_start_s if rates.engine_start_s is not None else None,
+                  row.phases.get("w", 0) * rates.train_start_s if rates.train_start_s is not None else None]
+        known = [s for s in starts if s is not None]
+        start = sum(known) if known else None  # what is measured; the section names what is not
         sources = set(row.sources.values())
         tokens_from = sources.pop() if len(sources) == 1 else "mixed: see 'priced from' above"
         out.append(Busy(row.task, row.model, generated, trained, serve, train, start, tokens_from))
@@ -132,7 +133,8 @@ def section(rows: list[Busy], rates: Rates, runs: list) -> list[str]:
     missing = [f"{name} ({bench})" for name, value, bench in (
         ("serving", rates.serve_tokens_per_s, "bench/gpu_serving.py --json"),
         ("training", rates.train_tokens_per_s, "bench/gpu_train.py --json"),
-        ("engine start-up", rates.engine_start_s, "bench/gpu_serving.py --json")) if value is None]
+        ("engine start-up", rates.engine_start_s, "bench/gpu_serving.py --json"),
+        ("training start-up", rates.train_start_s, "bench/gpu_train.py --json")) if value is None]
     lines += ["", f"Busy time: tokens over what one GPU did per second in the benchmark, plus one engine start per "
               f"cell (× its replicas on more GPUs) and one training start per Θ. Serving is priced at the slowest "
               f"measured arm ({rates.serve_arm or 'none'}). The tokens are the measured runs' "

@@ -68,6 +68,19 @@ def test_an_unmeasured_rate_is_named_not_guessed(sweep, tmp_path):  # noqa: F811
     assert grid_row.split(" | ")[-3:-1] == ["—", "—"]  # the grid's training and start-up columns: not 0.00
 
 
+def test_start_up_counts_what_was_measured_and_names_the_rest(sweep, tmp_path):  # noqa: F811
+    report = make_report(sweep)
+    grid = load_grid("configs/paper_table1.yaml")
+    for files, start in (([SERVING], 24 * 60.0), ([{**SERVING, "bt_ray": {"tokens_per_s": 900.0}, "raw": {
+            "tokens_per_s": 1000.0}}, TRAIN], 9 * 20.0)):
+        rates = load_rates([write(tmp_path, f"f{i}.json", data) for i, data in enumerate(files)])
+        iris = next(r for r in busy(price(grid, report.costs), 24, rates) if r.task == "iris")
+        assert iris.start_s == pytest.approx(start)  # 24 engine starts, or 9 training starts (one per Θ)
+        missing = estimate(grid, report.costs, report.table.runs, rates).split("Not measured")[1]
+        assert ("training start-up" in missing) == (TRAIN not in files)
+        assert ("engine start-up" in missing) == (TRAIN in files)
+
+
 def test_bad_rates_files(sweep, tmp_path):  # noqa: F811
     with pytest.raises(ConfigError, match="no such file; write it with bench/gpu_serving.py"):
         load_rates([str(tmp_path / "none.json")])
