@@ -160,3 +160,14 @@ def test_no_secret_values_and_auth_never_disabled_outside_loopback_tests():
             if re.search(r"RAY_AUTH_MODE[=:]\s*[\"']?disabled", line):
                 context = " ".join(lines[max(0, i - 2): i + 1]).lower()
                 assert "loopback" in context, f"{rel}:{i + 1} turns Ray auth off without saying it is loopback-only"
+
+
+def test_the_image_and_install_script_use_the_pinned_vllm_and_deepspeed():
+    """vLLM and DeepSpeed are installed before bt-ray[gpu] in the image (and DeepSpeed by install.sh): the
+    versions written there are pyproject.toml's vLLM pin and gpu/extras.txt's DeepSpeed (the GPU node's)."""
+    vllm = re.search(r'"vllm==([\d.]+)"', (REPO / "pyproject.toml").read_text()).group(1)
+    deepspeed = re.search(r"^deepspeed==([\d.]+)", (REPO / "gpu" / "extras.txt").read_text(), re.M).group(1)
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    assert re.findall(r'"vllm==([\d.]+)"', dockerfile) == [vllm]
+    for text in (dockerfile, (REPO / "scripts" / "install.sh").read_text()):
+        assert re.findall(r'"deepspeed==([\d.]+)"', text) == [deepspeed]
