@@ -42,6 +42,15 @@ def model_dir():
 
 
 @pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """tests/tiny.py's random-weight Llama, written once (GPU tests and the CPU DeepSpeed tests)."""
+    from bt_ray.synthetic import random_model
+    from tests.tiny import TINY
+
+    return str(random_model(tmp_path_factory.mktemp("tiny-llama"), TINY, vocab_size=512))
+
+
+@pytest.fixture(scope="session")
 def tokenizer(model_dir):
     from transformers import AutoTokenizer
 

@@ -9,6 +9,11 @@ from bt_ray.synthetic import words
 TINY = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
         "num_key_value_heads": 2, "head_dim": 64, "max_position_embeddings": 2048}
 
+# LoRA settings whose tensors ZeRO-3 really splits on TINY: rank 512 puts q's and k's lora_A and q's
+# lora_B (131,072 elements) above DeepSpeed's 1e5-element stage3_param_persistence_threshold (rank 8 kept
+# every tensor whole, and the gather before saving went untested); k's lora_B (65,536) stays whole.
+ZERO3_SPLIT_LORA = {"lora_rank": 512, "lora_alpha": 1024, "learning_rate": 3e-4}
+
 
 def examples(answer_word: int) -> list[list[dict]]:
     """16 prompts (the test prompt among them), all answered with the same four words."""

@@ -5,21 +5,12 @@ import sys
 
 import pytest
 
-from tests.tiny import TINY
-
 
 def pytest_runtest_logreport(report):
     """Print a failure as it happens: a later hang, or the node's time running out, must not lose it
     (pytest prints its failure reports only at the end of the session)."""
     if report.failed:
         print(f"\n--- FAILED {report.nodeid} ({report.when})\n{report.longreprtext}\n---", file=sys.stderr, flush=True)
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
-    from bt_ray.synthetic import random_model
-
-    return str(random_model(tmp_path_factory.mktemp("tiny-llama"), TINY, vocab_size=512))
 
 
 @pytest.fixture(scope="session")

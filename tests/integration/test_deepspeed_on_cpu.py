@@ -10,24 +10,15 @@ import pytest
 import torch
 
 from bt_ray.config import TrainConfig
-from tests.tiny import TINY, assert_full_size_adapter, examples
+from tests.tiny import ZERO3_SPLIT_LORA, assert_full_size_adapter, examples
 
 pytestmark = pytest.mark.integration
 pytest.importorskip("deepspeed", reason="scripts/install.sh installs it (built with DS_BUILD_OPS=0)")
 
 # 16 examples, 4 per step: 2 per rank, in 2 micro-batches of 1, so each step crosses bt-ray's
-# accumulation boundary; 3 epochs = 12 optimizer steps. Rank 512 (on a 256-wide model) puts q's and
-# k's lora_A and q's lora_B above ZeRO-3's 1e5-element persistence threshold, so they are split across
-# the ranks and must be gathered to be saved; k's lora_B (65,536) stays whole: both kinds are saved.
-CONFIG = dict(use_gpu=False, num_workers=2, cpus_per_worker=1, lora_rank=512, lora_alpha=1024, epochs=3,
-              learning_rate=3e-4, batch_size=4, micro_batch_size=1, max_seq_len=128)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from bt_ray.synthetic import random_model
-
-    return str(random_model(tmp_path_factory.mktemp("tiny-llama"), TINY, vocab_size=512))
+# accumulation boundary; 3 epochs = 12 optimizer steps. LoRA tensors that ZeRO-3 splits across the ranks.
+CONFIG = dict(use_gpu=False, num_workers=2, cpus_per_worker=1, epochs=3, batch_size=4, micro_batch_size=1,
+              max_seq_len=128, **ZERO3_SPLIT_LORA)
 
 
 def train(mode, model_dir, out_dir):
@@ -52,7 +43,7 @@ def test_zero_on_two_ranks_trains_as_ddp_does(mode, ddp, ray_cluster, tiny_model
     assert result.workers == 2 and result.steps == ddp.steps == 12
     assert result.losses == pytest.approx(ddp.losses, rel=2e-3)
     assert result.losses[-1] < result.losses[0]
-    ours = assert_full_size_adapter(result.adapter_dir, rank=512)
-    theirs = assert_full_size_adapter(ddp.adapter_dir, rank=512)
+    ours = assert_full_size_adapter(result.adapter_dir, rank=ZERO3_SPLIT_LORA["lora_rank"])
+    theirs = assert_full_size_adapter(ddp.adapter_dir, rank=ZERO3_SPLIT_LORA["lora_rank"])
     for kind in ("lora_A", "lora_B"):
         assert torch.nn.functional.cosine_similarity(flat(ours, kind), flat(theirs, kind), dim=0) > 0.999, kind
