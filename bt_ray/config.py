@@ -401,8 +401,9 @@ def _validate_placement(config: RunConfig) -> list[str]:
     if config.placement.timeout_s <= 0:
         problems.append(f"placement.timeout_s: must be > 0, got {config.placement.timeout_s}")
     if tr.distributed != "ddp" and not tr.use_gpu:
-        problems.append(f"train.distributed: {tr.distributed} (DeepSpeed) needs GPUs; set train.use_gpu=true or "
-                        "train.distributed=ddp")
+        # a GPU option; on CPU it runs only in tests (tests/integration/test_deepspeed_on_cpu.py, TrainConfig directly)
+        problems.append(f"train.distributed: {tr.distributed} (DeepSpeed) is for GPU training; set "
+                        "train.use_gpu=true, or train.distributed=ddp on CPU")
     if mode == "cpu":
         if inf.gpus_per_replica or tr.use_gpu or inf.engine == "vllm":
             problems.append("placement.mode: 'cpu' uses no GPUs; set placement.mode=split or timeshare for "

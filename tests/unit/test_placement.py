@@ -48,7 +48,7 @@ def test_timeshare_shares_each_gpu_between_one_replica_and_one_trainer():
     (TIMESHARE + ["inference.gpus_per_replica=2"], "inference.gpus_per_replica: placement.mode=timeshare"),
     (TIMESHARE + ["inference.engine=vllm", "inference.vllm.sleep_level=0"], "inference.vllm.sleep_level"),
     (["inference.engine=vllm", "inference.vllm.sleep_level=2"], "vLLM issue #39934"),
-    (["train.distributed=zero3"], "train.distributed: zero3 .DeepSpeed. needs GPUs"),
+    (["train.distributed=zero3"], "train.distributed: zero3 .DeepSpeed. is for GPU training"),
     (["placement.mode=everywhere"], "placement.mode: 'everywhere' is not one of"),
     (["placement.timeout_s=0"], "placement.timeout_s: must be > 0"),
 ])
