@@ -34,7 +34,7 @@ STEPS=${STEPS:-tests,bench}
 # loopback by this script's own processes; every cluster file in cluster/ keeps it on.
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 LITELLM_LOCAL_MODEL_COST_MAP=True RAY_USAGE_STATS_ENABLED=0 \
        TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled \
-       VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 VLLM_DO_NOT_TRACK=1
+       VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 VLLM_DO_NOT_TRACK=1 NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 EXTRA_SITE="$SITE-extras"  # its own folder: pip --target would replace the stack's bin/ otherwise
 export PYTHONPATH="$SITE:$EXTRA_SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PATH="$SITE/bin:$EXTRA_SITE/bin:$PATH"

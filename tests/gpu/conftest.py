@@ -10,7 +10,9 @@ def pytest_runtest_logreport(report):
     """Print a failure as it happens: a later hang, or the node's time running out, must not lose it
     (pytest prints its failure reports only at the end of the session)."""
     if report.failed:
-        print(f"\n--- FAILED {report.nodeid} ({report.when})\n{report.longreprtext}\n---", file=sys.stderr, flush=True)
+        stderr = report.capstderr[-6000:]  # Ray's worker logs (NCCL, DeepSpeed) land here, not in the traceback
+        print(f"\n--- FAILED {report.nodeid} ({report.when})\n{report.longreprtext}\n"
+              f"--- its captured stderr, last 6000 chars\n{stderr}\n---", file=sys.stderr, flush=True)
 
 
 @pytest.fixture(scope="session")
