@@ -140,7 +140,8 @@ class PlacementConfig:
     mode: Literal["cpu", "split", "timeshare"] = opt(
         "cpu", "cpu: no GPUs | split: replicas and training on separate GPUs | timeshare: replicas sleep during Θ "
         "and training uses their GPUs")
-    timeout_s: float = opt(300.0, "how long to wait for the cluster to place replicas before failing")
+    timeout_s: float = opt(300.0, "how long to wait for the cluster to place the replicas, and each Θ's "
+                           "training workers, before failing")
 
 
 @dataclass

@@ -137,10 +137,12 @@ def train_gpus_per_worker(config: RunConfig) -> float:
     return TIMESHARE_TRAIN_GPU if config.placement.mode == "timeshare" else 1.0
 
 
-def reserve(bundles: list[dict[str, float]], name: str, timeout_s: float, what: str) -> Any:
-    """A placement group for `bundles`, or ResourceError if the cluster cannot place it in `timeout_s`.
+REPLICA_FIX = "Lower inference.replicas or the per-replica resources, free the cluster, or add nodes."
 
-    Ray would otherwise wait forever for a group that never fits.
+
+def reserve(bundles: list[dict[str, float]], name: str, timeout_s: float, what: str, fix: str = REPLICA_FIX) -> Any:
+    """A placement group for `bundles`, or ResourceError (naming `what` and ending with `fix`) if the
+    cluster cannot place it in `timeout_s`. Ray would otherwise wait forever for a group that never fits.
     """
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
@@ -156,8 +158,7 @@ def reserve(bundles: list[dict[str, float]], name: str, timeout_s: float, what: 
     raise ResourceError(
         f"could not place {what} within placement.timeout_s={timeout_s:g}s: asked for {len(bundles)} x "
         f"{{{_fmt(bundles[0])}}} = {_fmt(asked)}; the Ray cluster has {_fmt(_plain(ray.cluster_resources()))} in "
-        f"total and {_fmt({k: _plain(ray.available_resources()).get(k, 0.0) for k in asked})} free. Lower "
-        f"inference.replicas or the per-replica resources, free the cluster, or add nodes.")
+        f"total and {_fmt({k: _plain(ray.available_resources()).get(k, 0.0) for k in asked})} free. {fix}")
 
 
 def release(group: Any) -> None:

@@ -97,7 +97,8 @@ def finetune(program: Any, trainset: list, metric: Callable, *, session: Any, ve
     init = session.pool.adapters[current_version] if current_version else None
     with session.training():  # timeshare: replicas sleep while training uses their GPUs
         result = train_lora(examples, config, str(session.model_dir), out_dir, name=version, seed=seed,
-                            init_adapter_dir=init, gpus_per_worker=session.train_gpus_per_worker)
+                            init_adapter_dir=init, gpus_per_worker=session.train_gpus_per_worker,
+                            placement_timeout_s=session.config.placement.timeout_s)
     session.pool.load_adapter(version, str(result.adapter_dir))
     tuned = program.deepcopy()
     tuned.set_lm(session.lm(version))

@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -74,12 +75,14 @@ class TrainResult:
 
 def train_lora(examples: list[list[dict]], config: TrainConfig, base_model_dir: str, output_dir: str,
                name: str, seed: int = 0, init_adapter_dir: str | None = None,
-               gpus_per_worker: float | None = None) -> TrainResult:
+               gpus_per_worker: float | None = None, placement_timeout_s: float = 300.0) -> TrainResult:
     """Fit a LoRA adapter on chat examples with Ray Train; Ray must already be initialised.
 
     `init_adapter_dir` continues training an earlier adapter (Θ after Θ) instead of starting a new one.
     `gpus_per_worker` is each worker's GPU share when train.use_gpu (default 1; placement timeshare
-    gives less, see placement.train_gpus_per_worker).
+    gives less, see placement.train_gpus_per_worker). Workers the cluster cannot place within
+    `placement_timeout_s` (placement.timeout_s) fail with a ResourceError naming what was asked and
+    what is free, instead of Ray Train waiting for them forever.
 
     A run with the same `output_dir`/`name` and the same inputs resumes from its last epoch checkpoint.
     Raises TrainingError when there is nothing to train on, when fit() fails after
@@ -101,7 +104,8 @@ def train_lora(examples: list[list[dict]], config: TrainConfig, base_model_dir: 
                 steps_per_epoch(len(data.examples), config.batch_size), config.num_workers)
     start = time.perf_counter()
     gpus = (1.0 if gpus_per_worker is None else gpus_per_worker) if config.use_gpu else 0.0
-    result = _fit(loop_config, config, output_dir, name, gpus)
+    _check_placeable(config, gpus, name, placement_timeout_s)
+    result = _fit(loop_config, config, output_dir, name, gpus, placement_timeout_s)
     wall_s = time.perf_counter() - start
     if result.checkpoint is None:
         raise TrainingError(f"LoRA run {name!r} finished without a checkpoint. {_LOGS_HINT}")
@@ -147,28 +151,52 @@ def _loop_config(examples: list[TokenizedExample], config: TrainConfig, base_mod
     return loop
 
 
-def _fit(loop_config: dict, config: TrainConfig, output_dir: str, name: str, gpus: float):
+def _worker_resources(config: TrainConfig, gpus: float) -> dict[str, float]:
+    return {"CPU": config.cpus_per_worker, **({"GPU": gpus} if config.use_gpu else {})}
+
+
+def _check_placeable(config: TrainConfig, gpus: float, name: str, timeout_s: float) -> None:
+    """Reserve the workers' resources once and give them back: a ResourceError now, naming what was asked
+    and what is free, rather than a TorchTrainer that waits forever for a worker group that never fits."""
+    from bt_ray.inference import placement
+
+    bundles = [_worker_resources(config, gpus)] * config.num_workers
+    group = placement.reserve(bundles, f"{name}-train-check", timeout_s, f"{config.num_workers} LoRA training "
+                              f"worker(s) for {name!r}", fix="Lower train.num_workers or train.cpus_per_worker, "
+                              "wait for other jobs to free the cluster, or add nodes.")
+    placement.release(group)
+
+
+def startup_retries(timeout_s: float) -> int:
+    """Ray Train's worker-group start attempts that fit in `timeout_s`: each waits
+    RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s by default) and, by default, is retried forever."""
+    attempt_s = float(os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", 60.0))
+    return max(1, math.ceil(timeout_s / attempt_s))
+
+
+def _fit(loop_config: dict, config: TrainConfig, output_dir: str, name: str, gpus: float, timeout_s: float):
     from ray.exceptions import RayError
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
     from bt_ray.inference.placement import ACTOR_ENV
 
-    resources = {"CPU": config.cpus_per_worker, **({"GPU": gpus} if config.use_gpu else {})}
+    resources = _worker_resources(config, gpus)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(storage_path=storage.train_storage_path(output_dir), name=name,
-                             failure_config=FailureConfig(max_failures=config.max_failures),
+                             failure_config=FailureConfig(max_failures=config.max_failures,
+                                                          controller_failure_limit=startup_retries(timeout_s)),
                              checkpoint_config=CheckpointConfig(num_to_keep=1),
                              worker_runtime_env={"env_vars": dict(ACTOR_ENV)}))
     try:
         return trainer.fit()
     except (TrainingFailedError, RayError) as exc:
-        raise TrainingError(f"LoRA fine-tuning {name!r} failed (train.max_failures={config.max_failures}): "
-                            f"{_short(exc)}. {_LOGS_HINT}") from exc
+        raise TrainingError(f"LoRA fine-tuning {name!r} failed ({config.num_workers} worker(s) x {resources}, "
+                            f"train.max_failures={config.max_failures}): {_short(exc)}. {_LOGS_HINT}") from exc
 
 
 def _short(exc: BaseException) -> str:

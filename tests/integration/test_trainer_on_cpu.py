@@ -6,12 +6,13 @@ starting workers and loading the model.
 
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
 
 from bt_ray.config import TrainConfig
-from bt_ray.errors import TrainingError
+from bt_ray.errors import ResourceError, TrainingError
 from bt_ray.train.trainer import CRASH_ONCE_ENV, STATE_FILE, train_lora
 
 pytestmark = pytest.mark.integration
@@ -107,3 +108,20 @@ def test_a_worker_failure_without_retries_raises_training_error(ray_cluster, mod
     with pytest.raises(TrainingError, match="failed") as info:
         train_lora(examples(), small_config(target_modules=["no_such_proj"]), model_dir, str(tmp_path), "bad")
     assert info.value.__cause__ is not None
+
+
+def test_workers_the_cluster_cannot_place_fail_in_time_naming_what_was_asked(ray_cluster, model_dir, tmp_path):
+    from bt_ray.inference import placement
+
+    free = ray_cluster.available_resources()["CPU"]
+    held = placement.reserve([{"CPU": free}], "someone-else", 30.0, "the other job")  # another job holds every CPU
+    try:
+        started = time.monotonic()
+        with pytest.raises(ResourceError) as err:
+            train_lora(examples(), small_config(), model_dir, str(tmp_path), "crowded", placement_timeout_s=2.0)
+        assert time.monotonic() - started < 60  # it did not wait for the CPUs forever
+    finally:
+        placement.release(held)
+    message = str(err.value)
+    assert "1 LoRA training worker(s) for 'crowded'" in message and "placement.timeout_s=2s" in message
+    assert "1 x {1 CPU}" in message and "0 CPU free" in message and "train.num_workers" in message

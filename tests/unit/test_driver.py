@@ -16,22 +16,24 @@ from .test_prompt_phase import noisy_classifier
 
 class Calls(list):
     inits: list
+    timeouts: list
 
 
 @pytest.fixture
 def fake_trainer(monkeypatch, tmp_path):
-    calls, inits = Calls(), []
+    calls, inits, timeouts = Calls(), [], []
 
     def train_lora(examples, config, base_model_dir, output_dir, name, seed=0, init_adapter_dir=None,
-                   gpus_per_worker=0.0):
+                   gpus_per_worker=0.0, placement_timeout_s=300.0):
         calls.append(name)
         inits.append(init_adapter_dir)
+        timeouts.append(placement_timeout_s)
         return SimpleNamespace(adapter_dir=f"{output_dir}/adapter", examples=len(examples), dropped=0,
                                trained_tokens=100 * len(examples), total_tokens=300 * len(examples), steps=2,
                                losses=[2.0, 1.5], wall_s=0.1, workers=1)
 
     monkeypatch.setattr("bt_ray.phases.finetune.train_lora", train_lora)
-    calls.inits = inits
+    calls.inits, calls.timeouts = inits, timeouts
     return calls
 
 
@@ -110,8 +112,10 @@ def test_vanilla_strategy_scores_zero_shot_on_test(tmp_path, fake_trainer):
 
 
 def test_theta_after_theta_keeps_training_the_current_adapter(tmp_path, fake_trainer):
-    results = Driver(_config(tmp_path, "strategy=p -> w -> w")).run(session=FakeSession(noisy_classifier))
+    config = _config(tmp_path, "strategy=p -> w -> w", "placement.timeout_s=45")
+    results = Driver(config).run(session=FakeSession(noisy_classifier, config=config))
     assert fake_trainer == ["t-v1", "t-v2"]
     assert fake_trainer.inits == [None, results["steps"][2]["details"]["adapter_dir"]]
+    assert fake_trainer.timeouts == [45.0, 45.0]  # placement.timeout_s bounds the wait for training workers too
     assert set(results["steps"][3]["requests_by_version"]) <= {"t-v1", "t-v2"}
     assert results["steps"][3]["version"] == "t-v2"

@@ -4,7 +4,7 @@ import pytest
 
 from bt_ray.config import TrainConfig
 from bt_ray.errors import TrainingError
-from bt_ray.train.trainer import token_loss_sum, train_lora, verify_adapter
+from bt_ray.train.trainer import startup_retries, token_loss_sum, train_lora, verify_adapter
 
 
 def test_empty_examples_are_refused_with_the_fix():
@@ -86,3 +86,11 @@ def test_deepspeed_config_keeps_bt_rays_accumulation_and_batch(mode, stage):
     assert config["bf16"] == {"enabled": True} and config["zero_allow_untested_optimizer"]
     with pytest.raises(ValueError, match="not a DeepSpeed mode"):
         deepspeed_config("ddp", 1, 1, True)
+
+
+def test_ray_trains_start_retries_cover_placement_timeout(monkeypatch):
+    monkeypatch.delenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", raising=False)
+    assert startup_retries(300.0) == 5  # 60 s per attempt, Ray Train's default
+    assert startup_retries(2.0) == 1
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
+    assert startup_retries(300.0) == 10
