@@ -17,6 +17,8 @@ def test_deepspeed_saves_a_trained_adapter(mode, tiny_model, ray_gpu, tmp_path):
 
     config = TrainConfig(use_gpu=True, distributed=mode, epochs=3, batch_size=4, micro_batch_size=2,
                          max_seq_len=128, **ZERO3_SPLIT_LORA)
-    result = train_lora(examples(7), config, tiny_model, str(tmp_path), name=mode, seed=1)  # verify_adapter ran
+    # a GPU still held by an earlier test: a ResourceError (GPU asked for, GPU free) in 60 s, inside the per-test timeout
+    result = train_lora(examples(7), config, tiny_model, str(tmp_path), name=mode, seed=1,
+                        placement_timeout_s=60)  # verify_adapter ran
     assert_full_size_adapter(result.adapter_dir, rank=ZERO3_SPLIT_LORA["lora_rank"])
     assert result.losses[-1] < result.losses[0]
