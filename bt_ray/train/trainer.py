@@ -203,7 +203,7 @@ def _short(exc: BaseException) -> str:
     failures = getattr(exc, "worker_failures", None)
     if failures:
         return "; ".join(f"worker {rank}: {type(e).__name__}: {_last_line(e)}" for rank, e in sorted(failures.items()))
-    return f"{type(exc).__name__}: {str(exc)[:500]}"
+    return f"{type(exc).__name__}: {str(exc)[:500].rstrip('.')}"
 
 
 def _last_line(exc: BaseException) -> str:
