@@ -24,7 +24,7 @@ from bt_ray.inference.pool import InferencePool
 from bt_ray.train.trainer import train_lora
 
 tiny_model, out = sys.argv[1], sys.argv[2]
-ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)
+ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)  # its own cluster
 chat = [[{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"}]]
 result = {}
 
