@@ -107,10 +107,10 @@ def busy(rows: list, cells_per_row: int, rates: Rates) -> list[Busy]:
         generated, trained = row.generated_tokens, row.train_total_tokens
         serve = generated / rates.serve_tokens_per_s if rates.serve_tokens_per_s else None
         train = trained / rates.train_tokens_per_s if rates.train_tokens_per_s else None
-        starts = [cells_per_row * rates.engine_start_s if rates.engine_start_s is not None else None,
-                  row.phases.get("w", 0) * rates.train_start_s if rates.train_start_s is not None else None]
-        known = [s for s in starts if s is not None]
-        start = sum(known) if known else None  # what is measured; the section names what is not
+        start = None  # what is measured (an unmeasured start-up adds 0); the section names what is not
+        if rates.engine_start_s is not None or rates.train_start_s is not None:
+            start = (cells_per_row * (rates.engine_start_s or 0.0)
+                     + row.phases.get("w", 0) * (rates.train_start_s or 0.0))
         sources = set(row.sources.values())
         tokens_from = sources.pop() if len(sources) == 1 else "mixed: see 'priced from' above"
         out.append(Busy(row.task, row.model, generated, trained, serve, train, start, tokens_from))

@@ -104,8 +104,9 @@ def train_lora(examples: list[list[dict]], config: TrainConfig, base_model_dir: 
                 steps_per_epoch(len(data.examples), config.batch_size), config.num_workers)
     start = time.perf_counter()
     gpus = (1.0 if gpus_per_worker is None else gpus_per_worker) if config.use_gpu else 0.0
-    _check_placeable(config, gpus, name, placement_timeout_s)
-    result = _fit(loop_config, config, output_dir, name, gpus, placement_timeout_s)
+    resources = _worker_resources(config, gpus)
+    _check_placeable(config, resources, name, placement_timeout_s)
+    result = _fit(loop_config, config, output_dir, name, resources, placement_timeout_s)
     wall_s = time.perf_counter() - start
     if result.checkpoint is None:
         raise TrainingError(f"LoRA run {name!r} finished without a checkpoint. {_LOGS_HINT}")
@@ -155,12 +156,12 @@ def _worker_resources(config: TrainConfig, gpus: float) -> dict[str, float]:
     return {"CPU": config.cpus_per_worker, **({"GPU": gpus} if config.use_gpu else {})}
 
 
-def _check_placeable(config: TrainConfig, gpus: float, name: str, timeout_s: float) -> None:
+def _check_placeable(config: TrainConfig, resources: dict[str, float], name: str, timeout_s: float) -> None:
     """Reserve the workers' resources once and give them back: a ResourceError now, naming what was asked
     and what is free, rather than a TorchTrainer that waits forever for a worker group that never fits."""
     from bt_ray.inference import placement
 
-    bundles = [_worker_resources(config, gpus)] * config.num_workers
+    bundles = [resources] * config.num_workers
     group = placement.reserve(bundles, f"{name}-train-check", timeout_s, f"{config.num_workers} LoRA training "
                               f"worker(s) for {name!r}", fix="Lower train.num_workers or train.cpus_per_worker, "
                               "wait for other jobs to free the cluster, or add nodes.")
@@ -174,14 +175,14 @@ def startup_retries(timeout_s: float) -> int:
     return max(1, math.ceil(timeout_s / attempt_s))
 
 
-def _fit(loop_config: dict, config: TrainConfig, output_dir: str, name: str, gpus: float, timeout_s: float):
+def _fit(loop_config: dict, config: TrainConfig, output_dir: str, name: str, resources: dict[str, float],
+         timeout_s: float):
     from ray.exceptions import RayError
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
     from bt_ray.inference.placement import ACTOR_ENV
 
-    resources = _worker_resources(config, gpus)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,

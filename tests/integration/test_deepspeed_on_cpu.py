@@ -1,6 +1,6 @@
 """The trainer's DeepSpeed path (train.distributed=zero2/zero3) with 2 Ray Train workers over gloo, on CPU.
 
-Users get ZeRO on GPUs only (the config refuses it on CPU, where it saves nothing), and the lent GPU
+Users get ZeRO on GPUs only (the config refuses it on CPU: a GPU option), and the lent GPU
 machines have one GPU, so this is where ZeRO runs with two ranks: optimizer state (ZeRO-2) or the
 parameters themselves (ZeRO-3) split across ranks, the LoRA tensors gathered from both before saving.
 In fp32 the same global batches must train (nearly) as DDP does. ~2.5 minutes on 2 cores.

@@ -43,10 +43,10 @@ def trainers_that_fail(config, workers, gpus):
     return None
 
 
-for mode, replicas, extra in [("timeshare", 2, []), ("split", 1, [])]:
+for mode, replicas in [("timeshare", 2), ("split", 1)]:
     config = load_config(None, [f"placement.mode={mode}", "train.use_gpu=true", "inference.engine=fake",
                                 "inference.gpus_per_replica=1", f"inference.replicas={replicas}",
-                                "inference.cpus_per_replica=0.5", "placement.timeout_s=30", *extra])
+                                "inference.cpus_per_replica=0.5", "placement.timeout_s=30"])
     pool = InferencePool(config, "unused-model-dir", mode)
     pool.start()
     try:
