@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
-                   "VLLM_USE_FLASHINFER_SAMPLER": "0", "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1",
+                   "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1",
                    "LITELLM_LOCAL_MODEL_COST_MAP": "True", "TOKENIZERS_PARALLELISM": "false"}.items():
     os.environ.setdefault(key, value)
 
@@ -67,6 +67,10 @@ def run_config(model_dir: str, concurrency: int, max_model_len: int, eager: bool
 
 
 def raw_vllm(config, model_dir: str, reqs: list[GenerationRequest], concurrency: int, warmup: int) -> dict:
+    from bt_ray.inference.vllm_compat import engine_env
+
+    engine_env()  # the replica's engine settings (sampler, spawn), before vLLM is imported
+
     from transformers import AutoTokenizer
     from vllm import AsyncEngineArgs
     from vllm import SamplingParams as VSamplingParams

@@ -27,8 +27,7 @@ ACTOR_ENV = {
     "LITELLM_LOCAL_MODEL_COST_MAP": "True",
     "RAY_USAGE_STATS_ENABLED": "0",
     "TOKENIZERS_PARALLELISM": "false",
-    # vLLM (GPU replicas): FlashInfer's sampler is not in the offline wheel set; no usage reports.
-    "VLLM_USE_FLASHINFER_SAMPLER": "0",
+    # vLLM (GPU replicas): no usage reports (its sampler is chosen in vllm_compat.engine_env).
     "VLLM_NO_USAGE_STATS": "1",
     "VLLM_DO_NOT_TRACK": "1",
 }

@@ -30,17 +30,22 @@ from bt_ray.inference.vllm_args import AdapterIds, check_adapter_fits, engine_kw
 logger = logging.getLogger(__name__)
 
 
+def engine_env() -> None:
+    """Set before vLLM starts its engine process (which inherits the environment):
+    - without FlashInfer installed (the offline wheel set), vLLM's default sampler setting imports it
+      and fails; with it (a pip-installed vLLM), vLLM's default stays;
+    - spawn, not fork, for the engine process: this process may hold a Ray driver or a CUDA
+      context (vLLM forces spawn itself only inside Ray actors or after CUDA init)."""
+    if importlib.util.find_spec("flashinfer") is None:
+        os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+
+
 class _VLLM:
     """The vLLM names bt-ray uses, imported together (and only here)."""
 
     def __init__(self) -> None:
-        # Set before vLLM starts its engine process (which inherits the environment):
-        # - without FlashInfer installed, vLLM's default sampler setting imports it and fails;
-        # - spawn, not fork, for the engine process: this process may hold a Ray driver or a CUDA
-        #   context (vLLM forces spawn itself only inside Ray actors or after CUDA init).
-        if importlib.util.find_spec("flashinfer") is None:
-            os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
-        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        engine_env()
         try:
             import vllm
             from vllm import AsyncEngineArgs, SamplingParams

@@ -3,6 +3,7 @@ compat module makes, against a FAKE `vllm` package (a recorder, labelled as such
 
 import asyncio
 import json
+import os
 import sys
 import types
 
@@ -264,3 +265,20 @@ def test_missing_vllm_is_a_clear_engine_error(monkeypatch, model_dir):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
     with pytest.raises(EngineError, match="needs vLLM.*gpu"):
         make_engine(model_dir)
+
+
+@pytest.mark.parametrize("flashinfer, expected", [(False, "0"), (True, None)])
+def test_flashinfer_sampler_is_turned_off_only_where_flashinfer_is_missing(monkeypatch, flashinfer, expected):
+    import importlib.util
+
+    from bt_ray.inference import vllm_compat
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "flashinfer" and flashinfer else
+                        None if name == "flashinfer" else find_spec(name, *a))
+    monkeypatch.delenv("VLLM_USE_FLASHINFER_SAMPLER", raising=False)
+    monkeypatch.delenv("VLLM_WORKER_MULTIPROC_METHOD", raising=False)
+    vllm_compat.engine_env()
+    assert os.environ.get("VLLM_USE_FLASHINFER_SAMPLER") == expected
+    assert os.environ["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
