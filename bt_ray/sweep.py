@@ -249,11 +249,17 @@ def _grid(sweep: Sweep, tasks: dict, models: dict, strategies: list, seeds: list
           cli: list[str]) -> list[Cell]:
     cells, problems = [], {}  # problem -> the task x model pairs it occurs in
     cells_dir = sweep.dir / "cells"
+    named: dict[str, str] = {}  # cell name -> the labels that gave it (labels may contain '-')
     for task, (config_path, task_overrides) in tasks.items():
         for model, model_name in models.items():
             for strategy in strategies:
                 for seed in seeds:
                     name = cell_name(task, model, strategy, seed)
+                    where = f"tasks.{task} x models.{model}"
+                    if named.setdefault(name, where) != where:
+                        problems.setdefault(f"cell {name!r} comes from both {named[name]} and {where} (one run "
+                                            f"dir for two cells); rename one of those labels", {})
+                        continue
                     grid = [f"model.name={json.dumps(model_name)}", f"seed={seed}", f"name={name}",
                             f"strategy={json.dumps(format_strategy(strategy))}",
                             f"output_dir={json.dumps(str(cells_dir))}"]
@@ -268,8 +274,8 @@ def _grid(sweep: Sweep, tasks: dict, models: dict, strategies: list, seeds: list
                     cells.append(Cell(name, task, model, strategy, seed, config))
     if problems:
         every = len(tasks) * len(models)
-        raise ConfigError([f"{p} (in every cell)" if len(where) == every else f"{p} (in {', '.join(where)})"
-                           for p, where in problems.items()])
+        raise ConfigError([p if not where else f"{p} (in every cell)" if len(where) == every else
+                           f"{p} (in {', '.join(where)})" for p, where in problems.items()])
     return cells
 
 

@@ -44,9 +44,10 @@ class RunResult:
     root: Path  # the directory the report was asked for
     raw: dict[str, Any]
     label: str
+    task_label: str | None = None  # a sweep cell's task label (two labels may run one task.name)
 
     name = property(lambda self: self.raw["run"])
-    task = property(lambda self: self.raw["task"])
+    task = property(lambda self: self.task_label or self.raw["task"])
     model = property(lambda self: self.raw["model"])
     strategy = property(lambda self: paper_notation(self.raw["strategy"]))
     seed = property(lambda self: self.raw["seed"])
@@ -92,11 +93,19 @@ def load_paper(path: str | Path | None) -> Paper:
 def model_label(name: str, models: dict[str, str]) -> str:
     """The label of `name` in `models` (label -> model name): equal names, or equal basenames, or the basename
     equal to a label, ignoring case. Unmatched: the basename ('smollm2-135m', a local dir's last part)."""
-    base = Path(name.rstrip("/")).name or name
+    return _known_label(name, models) or _basename(name)
+
+
+def _known_label(name: str, models: dict[str, str]) -> str | None:
+    base = _basename(name).lower()
     for label, public in models.items():
-        if name == public or base.lower() in (Path(public.rstrip("/")).name.lower(), label.lower()):
+        if name == public or base in (_basename(public).lower(), label.lower()):
             return label
-    return base
+    return None
+
+
+def _basename(name: str) -> str:
+    return Path(name.rstrip("/")).name or name
 
 
 def find_runs(root: str | Path, models: dict[str, str]) -> tuple[list[RunResult], list[Path]]:
@@ -107,6 +116,7 @@ def find_runs(root: str | Path, models: dict[str, str]) -> tuple[list[RunResult]
         raise ConfigError(f"bt-ray report {root}: no such directory; give the directory of a `bt-ray run` "
                           f"(output_dir/name) or of a `bt-ray sweep`")
     runs = [_load(path, root, models) for path in sorted(root.rglob("results.json"))]
+    _apply_sweep_labels(runs, models)
     unfinished = sorted(p.parent for p in root.rglob("state.json")
                         if (p.parent / "config.yaml").exists() and not (p.parent / "results.json").exists())
     if not runs:
@@ -128,6 +138,30 @@ def _load(path: Path, root: Path, models: dict[str, str]) -> RunResult:
         raise ConfigError(f"{path}: not a bt-ray results.json, it lacks {', '.join(missing)}; rerun the run "
                           f"with --resume to rewrite it, or move the file away")
     return RunResult(path.parent, root, raw, model_label(str(raw["model"]), models))
+
+
+def _apply_sweep_labels(runs: list[RunResult], models: dict[str, str]) -> None:
+    """Columns by the sweep's own labels where a run is a sweep cell (<sweep>/cells/<cell>, in <sweep>/sweep.json):
+    its task label, and its model label unless the model is one of `models`. Elsewhere, unmatched models that
+    share a basename (/ckpt/a/final, /ckpt/b/final) are told apart by their full names."""
+    sweeps: dict[Path, dict[str, dict]] = {}
+    for run in runs:
+        path = run.dir.parent.parent / "sweep.json"
+        if path not in sweeps:
+            try:
+                sweeps[path] = {row["name"]: row for row in json.loads(path.read_text())["cells"]}
+            except (OSError, ValueError, KeyError, TypeError):
+                sweeps[path] = {}  # not a sweep cell, or a damaged status file: the results' own names
+        row = sweeps[path].get(run.dir.name) if run.dir.parent.name == "cells" else None
+        if row and row.get("task") and row.get("model"):
+            run.task_label = str(row["task"])
+            run.label = _known_label(str(run.model), models) or str(row["model"])
+    names: dict[str, set[str]] = {}
+    for run in runs:
+        names.setdefault(run.label, set()).add(str(run.model))
+    for run in runs:
+        if len(names[run.label]) > 1 and _known_label(str(run.model), models) is None:
+            run.label = str(run.model)
 
 
 # ---------------------------------------------------------------- aggregation
@@ -176,8 +210,14 @@ class Table:
 def aggregate(runs: list[RunResult]) -> Table:
     test: dict[tuple[Column, str], Stat] = {}
     steps: dict[tuple[Column, str, int], Stat] = {}
+    seen: dict[tuple[Column, str, Any], RunResult] = {}
     for run in sorted(runs, key=lambda r: (r.seed, r.name)):
         column = (run.task, run.label)
+        twin = seen.setdefault((column, run.strategy, run.seed), run)
+        if twin is not run:
+            raise ConfigError(f"runs {twin.dir} and {run.dir} are both task {column[0]}, model {column[1]}, "
+                              f"strategy {run.strategy}, seed {run.seed}: one column would count that seed twice. "
+                              f"Report their directories separately, or move one of them out of {run.root}")
         cell = test.setdefault((column, run.strategy), Stat([], []))
         if run.test.get("score") is not None:
             cell.values.append(float(run.test["score"]))

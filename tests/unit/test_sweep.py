@@ -86,6 +86,9 @@ def test_a_config_difference_beyond_strategy_stops_sharing(tmp_path):
     ({"max_concurrent": 0}, "max_concurrent: must be a whole number >= 1"),
     ({"output_dir": "s3://bucket/runs"}, "output_dir: s3://bucket/runs is an object-store URI; bt-ray sweep needs"),
     ({"overrides": {"train.epochs": 0}}, "train.epochs: must be >= 1"),
+    ({"tasks": {"iris": {"config": str(CONFIGS / "iris.yaml")}, "iris-a": {"config": str(CONFIGS / "iris.yaml")}},
+      "models": {"a-m": "smollm2-135m", "m": "smollm2-135m"}},
+     "cell 'iris-a-m-p-s0' comes from both tasks.iris x models.a-m and tasks.iris-a x models.m"),
 ])
 def test_bad_sweep_files_name_the_key(tmp_path, keys, message):
     with pytest.raises(ConfigError) as err:

@@ -231,6 +231,31 @@ def test_aggregate_orders_unknown_strategies_last(tmp_path):
     assert aggregate(find_runs(tmp_path, {})[0]).strategies == ["Θ", "Π→Θ→Π", "mipro→Θ"]
 
 
+def test_columns_keep_apart_what_shares_a_task_name_or_a_basename(tmp_path):
+    root = tmp_path / "sweep"
+    one = [step(0, "vanilla", 1.0, 1.0, 1)]
+    # Two sweep task labels running one task.name, told apart by the sweep's sweep.json.
+    write_run(root, "iris-m-p-s0", "iris", "m", "Π", 0, one, 80.0)
+    write_run(root, "iris-nodemos-m-p-s0", "iris", "m", "Π", 0, one, 20.0)
+    rows = [{"name": "iris-m-p-s0", "task": "iris", "model": "m"},
+            {"name": "iris-nodemos-m-p-s0", "task": "iris-nodemos", "model": "m"}]
+    (root / "sweep.json").write_text(json.dumps({"cells": rows}))
+    # Two local checkpoints with one basename, outside any sweep: their full names.
+    write_run(tmp_path / "mine", "a", "iris", "/ckpts/a/final", "Π", 0, one, 70.0)
+    write_run(tmp_path / "mine", "b", "iris", "/ckpts/b/final", "Π", 0, one, 30.0)
+    table = aggregate(find_runs(tmp_path, {})[0])
+    assert table.columns == [("iris", "/ckpts/a/final"), ("iris", "/ckpts/b/final"), ("iris", "m"),
+                             ("iris-nodemos", "m")]
+    assert [table.test[(c, "Π")].values for c in table.columns] == [[70.0], [30.0], [80.0], [20.0]]
+
+
+def test_a_seed_twice_in_one_column_is_refused(tmp_path):
+    for name in ("run-1", "run-2"):  # e.g. two `bt-ray run`s of one config, not two seeds
+        write_run(tmp_path, name, "iris", "m", "Π", 0, [step(0, "vanilla", 1.0, 1.0, 1)], 50.0)
+    with pytest.raises(ConfigError, match="both task iris, model m, strategy Π, seed 0.*Report their directories"):
+        aggregate(find_runs(tmp_path, {})[0])
+
+
 def test_report_of_a_run_the_driver_wrote(tmp_path):
     """A results.json written by the real Driver (over the labelled FakeSession: fake engine, no Ray, no model)."""
     from bt_ray.config import load_config
