@@ -33,6 +33,7 @@ from typing import Any
 from bt_ray import storage
 from bt_ray.config import TrainConfig
 from bt_ray.errors import TrainingError
+from bt_ray.state import EXECUTION_ONLY
 from bt_ray.train.data import (IGNORE, TokenizedExample, TrainData, pad_id_of, plan_epoch, steps_per_epoch,
                                tokenize)
 
@@ -147,7 +148,9 @@ def _loop_config(examples: list[TokenizedExample], config: TrainConfig, base_mod
     loop = {"examples": [(ex.input_ids, ex.labels) for ex in examples], "train": dataclasses.asdict(config),
             "base_model_dir": str(base_model_dir), "seed": seed, "pad_id": pad_id,
             "init_adapter_dir": str(init_adapter_dir) if init_adapter_dir else None}
-    loop["fingerprint"] = hashlib.sha256(json.dumps(loop, sort_keys=True).encode()).hexdigest()[:16]
+    # What a resume may change (state.EXECUTION_ONLY: max_failures, cpus_per_worker, ...) keeps the checkpoint.
+    same = {**loop, "train": {k: v for k, v in loop["train"].items() if f"train.{k}" not in EXECUTION_ONLY}}
+    loop["fingerprint"] = hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()[:16]
     loop["crash_once_marker"] = os.environ.get(CRASH_ONCE_ENV)
     return loop
 

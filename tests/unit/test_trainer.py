@@ -94,3 +94,13 @@ def test_ray_trains_start_retries_cover_placement_timeout(monkeypatch):
     assert startup_retries(2.0) == 1
     monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
     assert startup_retries(300.0) == 10
+
+
+def test_epoch_checkpoints_survive_a_resume_that_changes_only_execution_keys():
+    from bt_ray.train.trainer import _loop_config
+
+    base = TrainConfig(max_failures=0, cpus_per_worker=1.0)
+    fingerprint = lambda config: _loop_config([], config, "/m", seed=0, pad_id=0)["fingerprint"]  # noqa: E731
+    # A worker failed: rerun with more retries and CPUs; the finished epochs are reused.
+    assert fingerprint(TrainConfig(max_failures=2, cpus_per_worker=2.0, torch_threads=1)) == fingerprint(base)
+    assert fingerprint(TrainConfig(max_failures=0, cpus_per_worker=1.0, learning_rate=3e-4)) != fingerprint(base)
