@@ -17,6 +17,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 from bt_ray.errors import ConfigError
@@ -60,10 +61,13 @@ def resolve_model(name: str, cache_dir: str) -> Path:
     if name != SHIPPED:
         return Path(name).expanduser().resolve()
     target = Path(cache_dir).expanduser() / "SmolLM2-135M-Instruct"
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
-    _convert_gguf(_gguf_path(), target)
+    if not _converted(target):
+        _convert_gguf(_gguf_path(), target)
     return target
+
+
+def _converted(target: Path) -> bool:
+    return (target / "config.json").is_file() and (target / "model.safetensors").is_file()
 
 
 def is_hub_id(name: str) -> bool:
@@ -158,4 +162,17 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "bt_ray_source.json").write_text(json.dumps({"gguf": str(gguf), "dtype": "bfloat16"}))
-    tmp.replace(target) if not target.exists() else None  # another process may have won the race
+    _install(tmp, target)
+
+
+def _install(tmp: Path, target: Path) -> None:
+    """Move a finished conversion into place, over an incomplete one; if another process's copy got
+    there first, keep that one and drop ours."""
+    if not _converted(target):
+        shutil.rmtree(target, ignore_errors=True)  # a conversion killed half-way, or an emptied folder
+        try:
+            tmp.replace(target)
+        except OSError:  # another process put its copy there in the meantime
+            if not _converted(target):
+                raise
+    shutil.rmtree(tmp, ignore_errors=True)

@@ -86,3 +86,20 @@ def test_what_counts_as_a_public_id(tmp_path, monkeypatch):
     assert not is_hub_id("models/mine")  # an existing local directory wins
     assert not is_hub_id("/abs/path") and not is_hub_id("./a/b") and not is_hub_id("a/b/c")
     assert not is_hub_id("smollm2-135m")
+
+
+def test_a_conversion_replaces_an_incomplete_copy_and_leaves_no_temporary_folder(tmp_path):
+    from bt_ray.model import _install
+
+    def converted(path, weights=b"w"):
+        path.mkdir()
+        (path / "config.json").write_text("{}")
+        (path / "model.safetensors").write_bytes(weights)
+        return path
+
+    target = tmp_path / "SmolLM2-135M-Instruct"
+    target.mkdir()  # a conversion killed before its move, or a folder emptied by hand
+    _install(converted(tmp_path / "tmp1"), target)
+    assert (target / "model.safetensors").read_bytes() == b"w" and not (tmp_path / "tmp1").exists()
+    _install(converted(tmp_path / "tmp2", b"late"), target)  # another process finished second
+    assert (target / "model.safetensors").read_bytes() == b"w" and sorted(tmp_path.iterdir()) == [target]
