@@ -8,6 +8,7 @@ together, each with its dotted path and a fix, before any model is loaded.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -341,6 +342,12 @@ def validate(config: RunConfig) -> list[str]:
                         "its requests / is not replaced)")
     if inf.cpus_per_replica < 0 or inf.gpus_per_replica < 0:
         problems.append("inference.cpus_per_replica / gpus_per_replica: must be >= 0")
+    _non_negative(problems, "inference", inf, ["torch_threads", "batch_wait_ms", "prefix_cache_tokens"])
+    _non_negative(problems, "train", tr, ["torch_threads", "max_failures", "cpus_per_worker"])
+    if not tr.use_gpu and not tr.cpus_per_worker > 0:
+        problems.append(f"train.cpus_per_worker: CPU training workers need CPUs; set it > 0 (e.g. 1), got "
+                        f"{tr.cpus_per_worker}")
+    _finite_positive(problems, "inference.request_timeout_s", inf.request_timeout_s)
     if not 0 <= inf.temperature <= 2:
         problems.append(f"inference.temperature: must be in [0, 2], got {inf.temperature}")
     if not 0 < inf.top_p <= 1:
@@ -355,11 +362,10 @@ def validate(config: RunConfig) -> list[str]:
                         f"= {tr.micro_batch_size * tr.num_workers}; set train.batch_size to a multiple of it")
     if not 0 <= tr.lora_dropout < 1:
         problems.append(f"train.lora_dropout: must be in [0, 1), got {tr.lora_dropout}")
-    if tr.learning_rate <= 0:
-        problems.append(f"train.learning_rate: must be > 0, got {tr.learning_rate}")
+    _finite_positive(problems, "train.learning_rate", tr.learning_rate)
     if not tr.target_modules:
         problems.append("train.target_modules: name at least one module, e.g. [q_proj, k_proj]")
-    if config.name is not None and ("/" in config.name or not config.name.strip()):
+    if config.name is not None and ("/" in config.name or config.name.strip() in ("", ".", "..")):
         problems.append(f"name: {config.name!r} must be a plain, non-empty directory name")
     problems.extend(_validate_vllm(config))
     problems.extend(_validate_placement(config))
@@ -399,8 +405,7 @@ def _validate_vllm(config: RunConfig) -> list[str]:
 def _validate_placement(config: RunConfig) -> list[str]:
     mode, inf, tr = config.placement.mode, config.inference, config.train
     problems = []
-    if config.placement.timeout_s <= 0:
-        problems.append(f"placement.timeout_s: must be > 0, got {config.placement.timeout_s}")
+    _finite_positive(problems, "placement.timeout_s", config.placement.timeout_s)
     if tr.distributed != "ddp" and not tr.use_gpu:
         # a GPU option; on CPU it runs only in tests (tests/integration/test_deepspeed_on_cpu.py, TrainConfig directly)
         problems.append(f"train.distributed: {tr.distributed} (DeepSpeed) is for GPU training; set "
@@ -454,6 +459,18 @@ def _positive(problems: list[str], section: str, obj: Any, names: list[str]) -> 
     for name in names:
         if getattr(obj, name) < 1:
             problems.append(f"{section}.{name}: must be >= 1, got {getattr(obj, name)}")
+
+
+def _non_negative(problems: list[str], section: str, obj: Any, names: list[str]) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not (value >= 0 and math.isfinite(value)):  # NaN fails every comparison
+            problems.append(f"{section}.{name}: must be a number >= 0, got {value}")
+
+
+def _finite_positive(problems: list[str], key: str, value: float) -> None:
+    if not (value > 0 and math.isfinite(value)):
+        problems.append(f"{key}: must be a number > 0, got {value}")
 
 
 # ---------------------------------------------------------------- saving and docs

@@ -85,3 +85,23 @@ def test_readme_config_reference_is_current():
 
     readme = Path(__file__).resolve().parents[2].joinpath("README.md").read_text()
     assert reference_markdown() in readme, "regenerate with: python scripts/update_readme_reference.py"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.cpus_per_worker=0", "train.cpus_per_worker: CPU training workers need CPUs; set it > 0"),
+    ("train.torch_threads=-2", "train.torch_threads: must be a number >= 0, got -2"),
+    ("inference.torch_threads=-1", "inference.torch_threads: must be a number >= 0, got -1"),
+    ("train.max_failures=-1", "train.max_failures: must be a number >= 0, got -1"),
+    ("inference.batch_wait_ms=-5", "inference.batch_wait_ms: must be a number >= 0"),
+    ("inference.prefix_cache_tokens=-1", "inference.prefix_cache_tokens: must be a number >= 0"),
+    ("train.learning_rate=.nan", "train.learning_rate: must be a number > 0, got nan"),
+    ("train.learning_rate=.inf", "train.learning_rate: must be a number > 0, got inf"),
+    ("placement.timeout_s=.nan", "placement.timeout_s: must be a number > 0, got nan"),
+    ("inference.request_timeout_s=0", "inference.request_timeout_s: must be a number > 0, got 0"),
+    ("name=..", "name: '..' must be a plain, non-empty directory name"),
+    ("name=.", "name: '.' must be a plain, non-empty directory name"),
+])
+def test_values_that_would_fail_only_in_a_worker_are_refused_up_front(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)

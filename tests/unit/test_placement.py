@@ -50,7 +50,7 @@ def test_timeshare_shares_each_gpu_between_one_replica_and_one_trainer():
     (["inference.engine=vllm", "inference.vllm.sleep_level=2"], "vLLM issue #39934"),
     (["train.distributed=zero3"], "train.distributed: zero3 .DeepSpeed. is for GPU training"),
     (["placement.mode=everywhere"], "placement.mode: 'everywhere' is not one of"),
-    (["placement.timeout_s=0"], "placement.timeout_s: must be > 0"),
+    (["placement.timeout_s=0"], "placement.timeout_s: must be a number > 0"),
 ])
 def test_placement_problems_name_the_key_and_the_fix(overrides, message):
     with pytest.raises(ConfigError, match=message):
