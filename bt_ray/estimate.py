@@ -63,12 +63,18 @@ def _task_name(path: Path, label: Any, spec: Any) -> str:
 
 
 def phases_per_seed(strategies: list[tuple[str, ...]]) -> tuple[dict[str, int], dict[str, int]]:
-    """Phases one task/model/seed needs: (with prefix sharing, without)."""
-    shared = {"vanilla": 1, "test": len(strategies)}
-    for prefix in {s[:i] for s in strategies for i in range(1, len(s) + 1)}:
-        shared[prefix[-1]] = shared.get(prefix[-1], 0) + 1
+    """Phases one task/model/seed needs: (with prefix sharing, without). As the sweep shares them
+    (sweep.plan_sharing): a cell starts from the cell whose strategy is its longest proper prefix in the
+    grid, if any, and computes the rest; a cell without one computes step 0 and every step."""
+    grid = set(strategies)
+    shared = {"vanilla": 0, "test": len(strategies)}
     alone = {"vanilla": len(strategies), "test": len(strategies)}
     for strategy in strategies:
+        start = next((k for k in range(len(strategy) - 1, -1, -1) if strategy[:k] in grid), None)
+        if start is None:
+            shared["vanilla"] += 1
+        for code in strategy[start or 0:]:
+            shared[code] = shared.get(code, 0) + 1
         for code in strategy:
             alone[code] = alone.get(code, 0) + 1
     return shared, alone

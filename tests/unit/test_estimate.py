@@ -20,6 +20,18 @@ def test_paper_grid_phases_after_prefix_sharing():
     assert alone == {"vanilla": 8, "p": 7, "w": 6, "test": 8}
 
 
+@pytest.mark.parametrize("strategies", [PAPER_STRATEGIES, ["p", "w", "p -> w -> p", "p -> w -> w"], ["w -> p"]])
+def test_phase_counts_are_the_steps_the_sweep_computes(tmp_path, strategies):
+    from bt_ray.sweep import load_sweep, shared_steps
+    from tests.unit.test_sweep import write_sweep
+
+    sweep = load_sweep(write_sweep(tmp_path, strategies=list(strategies), seeds=[0]))
+    computed = sum(len(c.strategy) + 1 - shared_steps(sweep, c) for c in sweep.cells)
+    shared, alone = phases_per_seed([c.strategy for c in sweep.cells])
+    assert sum(shared.values()) - shared["test"] == computed
+    assert sum(alone.values()) - alone["test"] == sum(len(c.strategy) + 1 for c in sweep.cells)
+
+
 def test_grid_priced_at_measured_means(sweep):  # noqa: F811
     report = make_report(sweep)
     grid = load_grid("configs/paper_table1.yaml")
