@@ -199,6 +199,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     raw: dict[str, Any] = {}
     if path is not None:
         raw = read_mapping(Path(path), "config file", "shipped configs are in configs/", "a mapping of keys")
+        if {"tasks", "strategies"} <= set(raw) and "task" not in raw:
+            raise ConfigError(f"{path} is a sweep file (tasks x models x strategies x seeds), not a run config: "
+                              f"run it with `bt-ray sweep {path}` (`--dry-run` lists its cells)")
     problems: list[str] = []
     for item in overrides:
         key, sep, value = item.partition("=")

@@ -136,8 +136,8 @@ def section(rows: list[Busy], rates: Rates, runs: list) -> list[str]:
         ("engine start-up", rates.engine_start_s, "bench/gpu_serving.py --json"),
         ("training start-up", rates.train_start_s, "bench/gpu_train.py --json")) if value is None]
     lines += ["", f"Busy time: tokens over what one GPU did per second in the benchmark, plus one engine start per "
-              f"cell (× its replicas on more GPUs) and one training start per Θ. Serving is priced at the slowest "
-              f"measured arm ({rates.serve_arm or 'none'}). The tokens are the measured runs' "
+              f"cell (one replica's: more replicas start side by side) and one training start per Θ. Serving is "
+              f"priced at the slowest measured arm ({rates.serve_arm or 'none'}). The tokens are the measured runs' "
               f"({', '.join(sorted({r.label for r in runs})) or '?'}): a 7-8B model writes longer or shorter answers "
               f"than these, and the benchmark's shapes stand for the grid's models. Reserved GPU-hours are higher: "
               f"replicas wait on the driver between requests and stay held through Θ."]

@@ -105,3 +105,9 @@ def test_values_that_would_fail_only_in_a_worker_are_refused_up_front(override, 
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert message in str(err.value)
+
+
+def test_a_sweep_file_given_as_a_run_config_points_to_bt_ray_sweep():
+    with pytest.raises(ConfigError) as err:
+        load_config(Path("configs/sweep_cpu.yaml"))
+    assert len(err.value.problems) == 1 and "run it with `bt-ray sweep configs/sweep_cpu.yaml`" in str(err.value)
