@@ -26,7 +26,7 @@ from dspy.teleprompt.bootstrap_finetune import prepare_student, prepare_teacher
 from dspy.teleprompt.teleprompt import Teleprompter
 
 from bt_ray.config import RunConfig
-from bt_ray.driver import PhaseLoop, check_resumable
+from bt_ray.driver import PhaseLoop
 from bt_ray.errors import ConfigError
 from bt_ray.inference.lm import PoolEngine
 from bt_ray.optimizers import LoRAFinetune, PromptOptimizer, build_step, check_supported
@@ -114,8 +114,7 @@ class BetterTogether(Teleprompter):
         seed = session.config.seed if seed is None else seed
         trainset, valset = _split(trainset, valset, valset_ratio, seed)
         config = self._run_config(session, student, parsed, seed, has_valset=bool(valset))
-        state = RunState.open(config.run_dir, config, session.resume)
-        check_resumable(state, tuple(parsed), config.strategy)
+        state = RunState.open(config.run_dir, config, session.resume, tuple(parsed))
         self.run_dir = config.run_dir
         logger.info("BetterTogether %r on %s: %d train, %s validation -> %s", config.strategy,
                     type(student).__name__, len(trainset), len(valset) if valset else "no", config.run_dir)

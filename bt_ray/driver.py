@@ -267,8 +267,7 @@ class Driver:
         self.steps = parse_strategy(config.strategy)
         self.task = task_for(config.task)
         self.splits = preflight(config, self.task)
-        self.state = RunState.open(config.run_dir, config, resume)
-        self._check_resumable()
+        self.state = RunState.open(config.run_dir, config, resume, self.steps)
 
     def run(self, session: Any = None) -> dict[str, Any]:
         """Run (or resume) every step. `session` defaults to a new Session (Ray + pool) for this run."""
@@ -302,22 +301,12 @@ class Driver:
     def _returned_step(self) -> StepRecord:
         return returned_step(self.state.steps[: len(self.steps) + 1], self.config.returned)
 
-    def _check_resumable(self) -> None:
-        check_resumable(self.state, self.steps, self.config.strategy)
-
 
 def returned_step(records: list[StepRecord], returned: str) -> StepRecord:
     """The last step (the paper), or the best on dev with the earlier step winning ties (DSPy's BetterTogether)."""
     if returned == "final":
         return records[-1]
     return max(records, key=lambda s: (_sortable(s.dev.get("score")), -s.index))
-
-
-def check_resumable(state: RunState, steps: tuple[str, ...], strategy: str) -> None:
-    for record in state.steps:
-        if record.index > len(steps) or (record.index and record.code != steps[record.index - 1]):
-            raise ConfigError(f"--resume: finished step {record.index} was {record.strategy!r}, which is not a "
-                              f"prefix of strategy {strategy!r}; use that strategy or a new name=")
 
 
 def _sortable(score: float | None) -> float:

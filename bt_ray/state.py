@@ -29,7 +29,8 @@ EXECUTION_ONLY = {
     "output_dir", "name", "ray_address", "strategy",
     "inference.replicas", "inference.cpus_per_replica", "inference.gpus_per_replica", "inference.torch_threads",
     "inference.max_batch_size", "inference.batch_wait_ms", "inference.prefix_cache_tokens",
-    "inference.max_inflight", "inference.request_timeout_s",
+    "inference.max_inflight", "inference.request_timeout_s", "inference.request_retries",
+    "inference.replica_restarts", "inference.continuous_batching", "placement.timeout_s",
     "train.cpus_per_worker", "train.torch_threads", "train.max_failures", "model.cache_dir",
 }
 
@@ -58,8 +59,9 @@ class RunState:
         self.mirror: RunMirror | None = None
 
     @classmethod
-    def open(cls, run_dir: Path, config: RunConfig, resume: bool) -> "RunState":
-        """A fresh state, or the saved one when resuming; refuses to overwrite finished work."""
+    def open(cls, run_dir: Path, config: RunConfig, resume: bool, steps: tuple[str, ...] | None = None) -> "RunState":
+        """A fresh state, or the saved one when resuming; refuses to overwrite finished work, and a resume
+        whose config or strategy (`steps`, p/w codes) does not continue the saved run, before anything is written."""
         state = cls(run_dir)
         state.mirror = open_run(config.output_dir, run_dir, resume)  # a URI output_dir: pulled, pushed on save
         state_file = run_dir / "state.json"
@@ -71,6 +73,8 @@ class RunState:
             _check_compatible(saved, to_dict(config), run_dir)
             data = json.loads(state_file.read_text())
             state.steps = [StepRecord(**s) for s in data["steps"]]
+            if steps is not None:
+                check_resumable(state, steps, config.strategy)
         elif resume:
             raise ConfigError(f"--resume: {run_dir} holds no run to resume (no state.json); drop --resume to start")
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -105,6 +109,13 @@ class RunState:
         path = self.run_dir / "steps" / f"{index:02d}-{code}"
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+
+def check_resumable(state: RunState, steps: tuple[str, ...], strategy: str) -> None:
+    for record in state.steps:
+        if record.index > len(steps) or (record.index and record.code != steps[record.index - 1]):
+            raise ConfigError(f"--resume: finished step {record.index} was {record.strategy!r}, which is not a "
+                              f"prefix of strategy {strategy!r}; use that strategy or a new name=")
 
 
 def _check_compatible(saved: dict, current: dict, run_dir: Path) -> None:

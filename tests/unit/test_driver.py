@@ -87,7 +87,17 @@ def test_resume_refuses_a_different_config(tmp_path, fake_trainer):
     with pytest.raises(ConfigError, match="train.learning_rate"):
         Driver(_config(tmp_path, "strategy=p", "train.learning_rate=1e-3"), resume=True)
     with pytest.raises(ConfigError, match="not a prefix"):
-        Driver(_config(tmp_path, "strategy=w"), resume=True)
+        Driver(_config(tmp_path, "strategy=w", "inference.max_inflight=8"), resume=True)
+    saved = load_config(tmp_path / "t" / "config.yaml")  # a refused resume writes nothing
+    assert (saved.strategy, saved.inference.max_inflight) == ("p", load_config(None).inference.max_inflight)
+
+
+def test_resume_accepts_the_keys_bt_rays_own_errors_tell_you_to_raise(tmp_path, fake_trainer):
+    Driver(_config(tmp_path, "strategy=p")).run(session=FakeSession(noisy_classifier))
+    raised = ["placement.timeout_s=900", "inference.replica_restarts=10", "inference.request_retries=5",
+              "inference.continuous_batching=false", "train.max_failures=2"]
+    Driver(_config(tmp_path, "strategy=p -> w", *raised), resume=True).run(session=FakeSession(noisy_classifier))
+    assert fake_trainer == ["t-v1"]
 
 
 def test_best_dev_selection_prefers_earlier_step_on_ties(tmp_path, fake_trainer):

@@ -9,7 +9,7 @@ import yaml
 from bt_ray import scheduler
 from bt_ray.cli import main
 from bt_ray.config import save_config
-from bt_ray.driver import check_resumable
+from bt_ray.state import check_resumable
 from bt_ray.errors import ConfigError
 from bt_ray.scheduler import SweepRun
 from bt_ray.state import RunState, StepRecord
