@@ -123,6 +123,19 @@ def _download(name: str, cache_dir: str) -> Path:
     return path
 
 
+def adapter_digest(adapter_dir: str | Path) -> str | None:
+    """A short id of an adapter's weights (their bytes), or None where there are none to read here."""
+    files = [Path(adapter_dir) / name for name in ("adapter_config.json", "adapter_model.safetensors")]
+    if not all(f.is_file() for f in files):
+        return None
+    digest = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:8]
+
+
 def model_tag(model_dir: Path) -> str:
     """A short id of the weights at `model_dir`, so caches never mix two models."""
     digest = hashlib.sha256()

@@ -4,8 +4,10 @@ DSPy 3.4's custom-engine hook (`dspy.LM(model, engine=..., async_engine=...)`)
 hands us a canonical `dspy.lm15.Request`; we turn it into chat messages and send
 it to the pool. The model *version* is part of the LM's model string, so DSPy's
 cache never serves an answer of one version to another:
-    bt-ray/<model tag>@base          the base model
-    bt-ray/<model tag>@<run>-v<N>    adapter version N of a run
+    bt-ray/<model tag>@base                    the base model
+    bt-ray/<model tag>+<weights>@<run>-v<N>    adapter version N of a run; <weights> is a digest of
+                                               its files, so a new run under an old name is not
+                                               answered from the old adapter's cache entries
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from dspy.lm15 import Message, Request, Response, TextPart, Usage
 from bt_ray.inference.engine import COMPLETION_MARKER, GenerationRequest, SamplingParams
 
 
-def version_model(model_tag: str, version: str | None) -> str:
-    return f"bt-ray/{model_tag}@{version or 'base'}"
+def version_model(model_tag: str, version: str | None, weights: str | None = None) -> str:
+    return f"bt-ray/{model_tag}{f'+{weights}' if weights else ''}@{version or 'base'}"
 
 
 def request_messages(request: Request) -> tuple[dict[str, str], ...]:
@@ -112,5 +114,6 @@ def pool_lm(pool: Any, model_tag: str, version: str | None, *, temperature: floa
     """A dspy.LM bound to one model version of the pool."""
     engine = PoolEngine(pool, version, seed)
     kwargs = {"top_p": top_p} if top_p < 1.0 else {}
-    return dspy.LM(version_model(model_tag, version), engine=engine, async_engine=AsyncPoolEngine(engine),
+    weights = pool.adapter_digests.get(version) if version else None
+    return dspy.LM(version_model(model_tag, version, weights), engine=engine, async_engine=AsyncPoolEngine(engine),
                    temperature=temperature, max_tokens=max_tokens, cache=True, num_retries=0, **kwargs)

@@ -27,6 +27,7 @@ from bt_ray.inference import placement
 from bt_ray.inference.engine import GenerationRequest, GenerationResult
 from bt_ray.inference.replica import ReplicaActor
 from bt_ray.inference.router import Router
+from bt_ray.model import adapter_digest
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class InferencePool:
         self.run_name = run_name
         self.replicas: dict[str, object] = {}  # live replica id -> actor
         self.adapters: dict[str, str] = {}  # version name -> adapter dir, in load order
+        self.adapter_digests: dict[str, str | None] = {}  # version name -> its weights' digest (model.adapter_digest)
         self.usage = Usage()
         self.restarts: list[dict] = []  # one entry per replaced replica: who, why, when
         self._lock = threading.Lock()
@@ -247,15 +249,17 @@ class InferencePool:
         """Load a new adapter version on every replica; a name is never reused (stale caches)."""
         if name in self.adapters:
             raise AdapterError(f"adapter version {name!r} is already loaded; each fine-tune gets a new name")
+        digest = None if storage.is_uri(path) else adapter_digest(path)
         path = storage.shared_path(path)  # a URI output_dir: replicas on any node get the uploaded copy
         with self._adapters_lock:  # a replacement started meanwhile loads it too
             self._on_every_replica(f"load adapter {name!r} from {path}",
                                    lambda actor: actor.load_adapter.remote(name, path), AdapterError)
-            self.adapters[name] = path
+            self.adapters[name], self.adapter_digests[name] = path, digest
 
     def unload_adapter(self, name: str) -> None:
         with self._adapters_lock:
             self.adapters.pop(name, None)
+            self.adapter_digests.pop(name, None)
             self._on_every_replica(f"unload adapter {name!r}", lambda actor: actor.unload_adapter.remote(name),
                                    AdapterError)
 

@@ -21,6 +21,7 @@ class FakePool:
     def __init__(self, responder=None):
         self.engine = FakeEngine(responder=responder)
         self.adapters: dict[str, str] = {}
+        self.adapter_digests: dict[str, str | None] = {}
         self.usage = Usage()
         self.requests = []
         self._lock = threading.Lock()
@@ -33,8 +34,10 @@ class FakePool:
         return result
 
     def load_adapter(self, name, path):
+        from bt_ray.model import adapter_digest
+
         asyncio.run(self.engine.load_adapter(name, path))
-        self.adapters[name] = path
+        self.adapters[name], self.adapter_digests[name] = path, adapter_digest(path)
 
     def usage_snapshot(self):
         with self._lock:

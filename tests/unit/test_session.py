@@ -46,3 +46,29 @@ def test_session_refuses_a_node_local_output_dir_before_the_model_loads(monkeypa
     session = Session(load_config(None, [f"output_dir={tmp_path}"]))
     with pytest.raises(ConfigError, match=r"1 of 2 alive nodes cannot see .* bbbbbbbbbbbb \(10.0.0.2\)"):
         session.start()
+
+
+def test_a_new_adapter_under_an_old_version_name_is_not_answered_from_dspys_cache(tmp_path, monkeypatch):
+    """Two runs named alike (e.g. the Python API, whose calls share DSPy's cache): run 2's adapter v1 has other
+    weights than run 1's, so its answers must come from the engine, not run 1's cache entries. FAKE engines."""
+    import dspy
+
+    def adapter(folder, weights):
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text('{"r": 8}')
+        (folder / "adapter_model.safetensors").write_bytes(weights)
+        return str(folder)
+
+    monkeypatch.setattr(dspy, "cache", dspy.cache)  # put back after the test
+    dspy.configure_cache(enable_disk_cache=True, enable_memory_cache=True, disk_cache_dir=str(tmp_path / "cache"))
+    answers = []
+    for run, weights in (("one", b"run 1's weights"), ("two", b"run 2's weights"), ("two", b"run 2's weights")):
+        session = FakeSession(lambda request, run=run: f"[[ ## answer ## ]]\n{run}\n\n[[ ## completed ## ]]")
+        session.model_tag = "same-model"  # one base model for both runs
+        session.pool.load_adapter("exp-v1", adapter(tmp_path / f"{run}-{len(answers)}", weights))
+        predict = dspy.Predict("question -> answer")
+        predict.set_lm(session.lm("exp-v1"))
+        with dspy.context(adapter=session.adapter):
+            answers.append(f"{predict(question='q').answer} ({len(session.pool.requests)} engine call)")
+    # The same weights again (a resume) are served from the cache: no engine call.
+    assert answers == ["one (1 engine call)", "two (1 engine call)", "two (0 engine call)"]
