@@ -57,15 +57,20 @@ class Session:
         if self.pool is not None:  # already started (bt_ray.init, then `with`)
             return self
         self._owns_ray = placement.connect(self.config.ray_address)
-        placement.check_resources(self.config, placement.cluster_totals())
-        # Several nodes: a plain output_dir must be one directory on all of them (adapters, checkpoints).
-        storage.check_shared(self.config.output_dir, placement.alive_nodes(), placement.marker_visible)
-        if self.cache_dir is not None:  # DSPy's response cache lives with the run: resume reuses it
-            dspy.configure_cache(enable_disk_cache=True, enable_memory_cache=True, disk_cache_dir=str(self.cache_dir))
-        self.model_dir = resolve_model(self.config.model.name, self.config.model.cache_dir)
-        self.model_tag = model_tag(self.model_dir)
-        self.pool = InferencePool(self.config, str(self.model_dir), self.run_name)
-        self.pool.start()
+        try:
+            placement.check_resources(self.config, placement.cluster_totals())
+            # Several nodes: a plain output_dir must be one directory on all of them (adapters, checkpoints).
+            storage.check_shared(self.config.output_dir, placement.alive_nodes(), placement.marker_visible)
+            if self.cache_dir is not None:  # DSPy's response cache lives with the run: resume reuses it
+                dspy.configure_cache(enable_disk_cache=True, enable_memory_cache=True,
+                                     disk_cache_dir=str(self.cache_dir))
+            self.model_dir = resolve_model(self.config.model.name, self.config.model.cache_dir)
+            self.model_tag = model_tag(self.model_dir)
+            self.pool = InferencePool(self.config, str(self.model_dir), self.run_name)
+            self.pool.start()
+        except BaseException:  # `with` never calls __exit__ when __enter__ raises: release what started
+            self.close()
+            raise
         return self
 
     def lm(self, version: str | None = None) -> dspy.LM:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from bt_ray.inference.router import Router
 from bt_ray.model import adapter_digest
 
 logger = logging.getLogger(__name__)
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 @dataclass
@@ -99,12 +101,41 @@ class InferencePool:
         self.group = placement.reserve(bundles, f"{self.run_name}/replicas", self.config.placement.timeout_s,
                                        f"{inf.replicas} inference replica(s) (placement.mode="
                                        f"{self.config.placement.mode})")
-        actors = {f"replica-{i}": self._spawn(f"replica-{i}", i) for i in range(inf.replicas)}
-        health = placement.wait_ready([a.health.remote() for a in actors.values()], "inference replicas", timeout_s)
+        actors = {}
+        try:
+            for i in range(inf.replicas):
+                actors[f"replica-{i}"] = self._spawn(f"replica-{i}", i)
+            health = self._wait_started(actors, timeout_s)
+        except BaseException:  # nothing of a failed start stays held: its actors and placement group go
+            self._abandon(actors)
+            raise
         self.replicas.update(actors)
         self.router = Router(list(self.replicas))
         logger.info("inference pool ready: %d replica(s), engine=%s, placement=%s", len(health), inf.engine,
                     self.config.placement.mode)
+
+    def _wait_started(self, actors: dict, timeout_s: float) -> list[dict]:
+        """The replicas' health once every engine has loaded; a replica whose start raised is named with its cause."""
+        import ray
+
+        refs = {replica_id: actor.health.remote() for replica_id, actor in actors.items()}
+        try:
+            return placement.wait_ready(list(refs.values()), "inference replicas", timeout_s)
+        except ray.exceptions.RayError as exc:
+            failed = next((rid for rid, ref in refs.items() if _raises(ref)), "a replica")
+            inf = self.config.inference
+            raise EngineError(f"inference {failed} of {self.run_name!r} failed to start (engine={inf.engine}, "
+                              f"model {self.model_dir}): {_cause(exc)}. Check model.name (a checkpoint directory "
+                              f"with config.json, tokenizer and weights) and inference.engine") from exc
+
+    def _abandon(self, actors: dict) -> None:
+        import ray
+
+        for actor in actors.values():
+            ray.kill(actor)
+        if self.group is not None:
+            placement.release(self.group)
+            self.group = None
 
     def shutdown(self) -> None:
         import ray
@@ -180,7 +211,7 @@ class InferencePool:
             try:
                 result = self._call(replica_id, actor, request)
             except ReplicaDied as exc:
-                died.append(f"{replica_id}: {exc.cause!r}")
+                died.append(f"{replica_id}: {_cause(exc.cause)}")
                 if len(died) > self.config.inference.request_retries:
                     raise EngineError(
                         f"request {request.request_id} (model version {request.adapter or 'base'}) lost its replica "
@@ -279,9 +310,9 @@ class InferencePool:
                 return  # already replaced, or being replaced
             del self.replicas[replica_id]
             self.router.remove(replica_id)
-            self.restarts.append({"replica": replica_id, "cause": repr(cause), "at": time.time()})
+            self.restarts.append({"replica": replica_id, "cause": _cause(cause), "at": time.time()})
             if len(self.restarts) > self.config.inference.replica_restarts:
-                why = (f"{replica_id} died ({cause!r}) and {len(self.restarts) - 1} replica(s) were replaced "
+                why = (f"{replica_id} died ({_cause(cause)}) and {len(self.restarts) - 1} replica(s) were replaced "
                        f"already, the most inference.replica_restarts="
                        f"{self.config.inference.replica_restarts} allows")
                 logger.error("%s; %d replica(s) left", why, len(self.replicas))
@@ -341,8 +372,28 @@ class ReplicaDied(Exception):
     """The replica's actor is gone; the request may go to another replica."""
 
     def __init__(self, cause: BaseException):
-        super().__init__(repr(cause))
+        super().__init__(_cause(cause))
         self.cause = cause
+
+
+def _cause(exc: BaseException) -> str:
+    """Type and message: Ray's actor errors say why the actor died (exit type, OOM killer, node) only in str().
+    Of a remote traceback, its first line (which actor) and its last (the error raised)."""
+    lines = [line for line in _ANSI.sub("", str(exc)).strip().splitlines() if line.strip()]
+    text = " ... ".join(lines if len(lines) <= 2 else [lines[0], lines[-1].strip()])
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _raises(ref) -> bool:
+    import ray
+
+    try:
+        ray.get(ref, timeout=0)
+    except ray.exceptions.GetTimeoutError:
+        return False
+    except ray.exceptions.RayError:
+        return True
+    return False
 
 
 def prefix_key(request: GenerationRequest) -> str | None:

@@ -113,3 +113,24 @@ def test_a_replica_dead_when_an_adapter_loads_is_replaced_not_an_error(session, 
     request = GenerationRequest(({"role": "user", "content": "Say hi."},), SamplingParams(temperature=0.0,
                                 max_tokens=4), adapter="pooltest-v2", request_id="after")
     assert pool.generate(request).adapter == "pooltest-v2"
+
+
+def test_a_replica_that_cannot_start_is_named_and_holds_nothing_afterwards(ray_cluster, model_dir, tmp_path):
+    """A checkpoint folder without weights: the start fails naming the replica, model.name and the actor's cause,
+    and its actor and placement group are gone (a retry in the same process can place again)."""
+    import shutil
+
+    from ray.util import placement_group_table
+
+    from bt_ray.errors import EngineError
+
+    bad = tmp_path / "no-weights"
+    bad.mkdir()
+    shutil.copy(f"{model_dir}/config.json", bad)
+    config = load_config(None, [f"model.name={bad}", "inference.replicas=1", "inference.cpus_per_replica=0.5",
+                                "inference.torch_threads=1", f"output_dir={tmp_path}"])
+    with pytest.raises(EngineError, match=r"(?s)inference replica-0 of .broken. failed to start .*no-weights.*"
+                                          r"ActorDiedError.*Check model.name"):
+        Session(config, "broken").start()
+    groups = [g["state"] for g in placement_group_table().values() if g["name"] == "broken/replicas"]
+    assert groups == ["REMOVED"], groups
