@@ -21,6 +21,11 @@ class EngineError(BtRayError):
     """An inference replica failed a request. Names the replica, the request and the cause."""
 
 
+class RequestError(ValueError):
+    """An engine refused one request (a prompt longer than the model's context, a bad sampling value).
+    Not a BtRayError on purpose: that example fails like any program error, and the phase goes on."""
+
+
 class TrainingError(BtRayError):
     """Fine-tuning failed or produced an unusable adapter."""
 

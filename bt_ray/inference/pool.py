@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from bt_ray import storage
 from bt_ray.config import RunConfig
-from bt_ray.errors import AdapterError, EngineError
+from bt_ray.errors import AdapterError, EngineError, RequestError
 from bt_ray.inference import placement
 from bt_ray.inference.engine import GenerationRequest, GenerationResult
 from bt_ray.inference.replica import ReplicaActor
@@ -238,7 +238,7 @@ class InferencePool:
                 except GetTimeoutError:
                     now = _progress(actor, timeout)
                     if now is None or now == progress:
-                        raise EngineError(
+                        raise ReplicaHung(
                             f"{replica_id} gave no answer to request {request.request_id} in "
                             f"inference.request_timeout_s={timeout:g}s and its work counters stood still "
                             f"({now or 'health did not answer'}); it looks hung") from None
@@ -248,12 +248,15 @@ class InferencePool:
         except RayActorError as exc:
             self._replace(replica_id, actor, exc)
             raise ReplicaDied(exc) from exc
-        except EngineError:
+        except ReplicaHung:
             raise
         except Exception as exc:
-            raise EngineError(
-                f"{replica_id} failed request {request.request_id} (model version {request.adapter or 'base'}, "
-                f"{len(request.messages)} messages): {type(exc).__name__}: {exc}") from exc
+            cause = getattr(exc, "cause", None) or exc  # Ray's RayTaskError carries the replica's exception
+            what = (f"request {request.request_id} (model version {request.adapter or 'base'}, "
+                    f"{len(request.messages)} messages): {type(cause).__name__}: {cause}")
+            if isinstance(cause, RequestError):  # this request only: its example fails, the phase goes on
+                raise RequestError(f"{replica_id} refused {what}") from exc
+            raise EngineError(f"{replica_id} failed {what}") from exc
         finally:
             self.router.done(replica_id)
 
@@ -366,6 +369,10 @@ def _progress(actor, timeout: float) -> dict | None:
     except Exception:
         return None
     return {key: health[key] for key in ("batches", "decode_steps", "requests", "served") if key in health}
+
+
+class ReplicaHung(EngineError):
+    """A replica stopped answering (raised here, not by the replica)."""
 
 
 class ReplicaDied(Exception):

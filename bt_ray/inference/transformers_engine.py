@@ -27,7 +27,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -35,7 +35,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bt_ray.config import InferenceConfig
-from bt_ray.errors import AdapterError, BtRayError, ConfigError, EngineError
+from bt_ray.errors import AdapterError, BtRayError, ConfigError, EngineError, RequestError
 from bt_ray.inference.batching import Pending, RequestQueue
 from bt_ray.inference.chat import prefix_ids, prompt_ids
 from bt_ray.inference.engine import GenerationRequest, GenerationResult
@@ -373,10 +373,12 @@ class TransformersEngine:
         prompt = prompt_ids(self.tokenizer, request.messages)
         context = self.model.config.max_position_embeddings
         if sampling.max_tokens < 1:
-            raise EngineError(f"max_tokens must be at least 1, got {sampling.max_tokens}")
-        if len(prompt) + sampling.max_tokens > context:
-            raise EngineError(f"prompt of {len(prompt)} tokens + max_tokens {sampling.max_tokens} exceeds the "
-                              f"model's context of {context} tokens; shorten the prompt or lower max_tokens")
+            raise RequestError(f"max_tokens must be at least 1, got {sampling.max_tokens}")
+        if len(prompt) >= context:
+            raise RequestError(f"prompt of {len(prompt)} tokens does not fit the model's context of {context} "
+                               f"tokens; shorten it (fewer demos: prompt.max_bootstrapped_demos, max_labeled_demos)")
+        if len(prompt) + sampling.max_tokens > context:  # as vLLM does: the answer stops at the context's end
+            sampling = replace(sampling, max_tokens=context - len(prompt))
         prefix, cached = None, 0
         ids = prefix_ids(self.tokenizer, request.messages, prompt)
         if ids:
@@ -454,7 +456,7 @@ class TransformersEngine:
 
 
 def _request_error(request: GenerationRequest, exc: Exception) -> Exception:
-    if isinstance(exc, BtRayError):
+    if isinstance(exc, (BtRayError, RequestError)):
         return exc
     error = EngineError(f"request {request.request_id!r} failed: {exc!r}")
     error.__cause__ = exc

@@ -22,7 +22,7 @@ import os
 from typing import Any
 
 from bt_ray.config import InferenceConfig
-from bt_ray.errors import AdapterError, EngineError
+from bt_ray.errors import AdapterError, EngineError, RequestError
 from bt_ray.inference.chat import prompt_ids
 from bt_ray.inference.engine import GenerationRequest, GenerationResult
 from bt_ray.inference.vllm_args import AdapterIds, check_adapter_fits, engine_kwargs, sampling_kwargs
@@ -92,8 +92,11 @@ class VLLMEngine:
         params = self._vllm.SamplingParams(**sampling_kwargs(request.sampling), output_kind=self._vllm.FINAL_ONLY)
         request_id = f"{request.request_id or 'req'}-{next(self._request_ids)}"
         final = None
-        async for output in self.llm.generate({"prompt_token_ids": ids}, params, request_id, lora_request=lora):
-            final = output
+        try:
+            async for output in self.llm.generate({"prompt_token_ids": ids}, params, request_id, lora_request=lora):
+                final = output
+        except ValueError as exc:  # vLLM's input checks (a prompt longer than max_model_len): this request only
+            raise RequestError(f"vLLM refused request {request_id} ({len(ids)} prompt tokens): {exc}") from exc
         if final is None or not final.outputs:
             raise EngineError(f"vLLM returned no output for request {request_id}")
         completion = final.outputs[0]

@@ -41,6 +41,21 @@ def test_unknown_version_is_refused_before_any_replica_sees_it(session):
         session.pool.generate(request)
 
 
+def test_a_prompt_longer_than_the_context_fails_alone_naming_replica_and_request(session):
+    from bt_ray.errors import BtRayError, RequestError
+
+    greedy = SamplingParams(temperature=0.0, max_tokens=4)
+    too_long = GenerationRequest(({"role": "user", "content": "word " * 9000},), greedy, request_id="too-long")
+    short = GenerationRequest(({"role": "user", "content": "Say hi."},), greedy, request_id="short")
+    with ThreadPoolExecutor(2) as threads:
+        refused, answered = threads.submit(session.pool.generate, too_long), threads.submit(session.pool.generate, short)
+        with pytest.raises(RequestError, match=r"replica-\d refused request too-long .*RequestError: prompt of 90\d\d "
+                                               r"tokens does not fit the model's context of 8192") as err:
+            refused.result()
+        assert answered.result().completion_tokens > 0
+    assert not isinstance(err.value, BtRayError)  # the fan-out scores its example as failed and goes on
+
+
 def random_lora(model_dir, path) -> str:
     import torch
     from peft import LoraConfig, get_peft_model

@@ -76,3 +76,31 @@ def test_subsample_needs_enough_examples(setup):
     with pytest.raises(ValueError, match="prompt.train_size"):
         optimize_prompts(IrisProgram(), splits.train[:20], metric, lm=lm, adapter=chat_adapter(),
                          config=PromptConfig(train_size=15, val_size=35), seed=0, max_inflight=4)
+
+
+def test_a_request_the_engine_refuses_fails_its_example_not_the_phase(setup):
+    """A prompt too long for the model (RequestError from an engine) is one failed example, as DSPy's Evaluate
+    counts it; a pool failure (EngineError) still stops the phase. FAKE engine."""
+    from bt_ray.errors import EngineError, RequestError
+    from bt_ray.phases.evaluate import evaluate
+
+    def responder(failure):
+        def answer(request):
+            if "[[ ## petal_length ## ]]\n1.4" in request.messages[-1]["content"]:
+                raise failure
+            return noisy_classifier(request)
+        return answer
+
+    program, examples = IrisProgram(), setup[2].dev[:20]
+    refused = sum("1.4" == str(ex.petal_length) for ex in examples)
+    assert 0 < refused < 20
+    for failure, expected in ((RequestError("prompt of 9000 tokens does not fit"), None),
+                              (EngineError("replica-0 failed request r1"), EngineError)):
+        pool = FakePool(responder(failure))
+        program.set_lm(pool_lm(pool, unique_tag(), None, temperature=0.1, max_tokens=64))
+        if expected:
+            with pytest.raises(expected, match="replica-0"):
+                evaluate(program, examples, metric, adapter=chat_adapter(), max_inflight=4)
+            continue
+        result = evaluate(program, examples, metric, adapter=chat_adapter(), max_inflight=4)
+        assert result.n == 20 and result.errors == refused

@@ -256,6 +256,21 @@ def test_an_aborted_request_is_an_error_not_an_answer(fake_vllm, model_dir):
         asyncio.run(engine.generate(GenerationRequest(({"role": "user", "content": "x"},))))
 
 
+def test_a_prompt_vllm_refuses_is_a_request_error_of_that_request_only(fake_vllm, model_dir):
+    from bt_ray.errors import BtRayError, RequestError
+
+    engine = make_engine(model_dir)
+
+    async def too_long(prompt, params, request_id, *, lora_request=None):  # as vLLM 0.26's input processor
+        raise ValueError("The decoder prompt (length 9161) is longer than the maximum model length of 2048.")
+        yield
+
+    engine.llm.generate = too_long
+    with pytest.raises(RequestError, match="vLLM refused request long-0 .*maximum model length of 2048") as err:
+        asyncio.run(engine.generate(GenerationRequest(({"role": "user", "content": "x"},), request_id="long")))
+    assert not isinstance(err.value, BtRayError)
+
+
 def test_sleep_without_sleep_mode_names_the_setting(fake_vllm, model_dir):
     with pytest.raises(EngineError, match="inference.vllm.sleep_level=1"):
         asyncio.run(make_engine(model_dir, sleep_level=0).sleep())
