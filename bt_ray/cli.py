@@ -58,7 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--gpu-rates", nargs="+", metavar="BENCH_JSON", help="with --estimate: also price the "
                         "measured tokens at the GPU benchmarks' rates (the --json of bench/gpu_serving.py and "
                         "bench/gpu_train.py), e.g. bench/results/h200-2026-11-26-serving.json")
-    args = parser.parse_args(argv)
+    # key=value after a flag (`bt-ray run configs/iris.yaml --resume name=x`) is an override too.
+    args, extra = parser.parse_known_args(argv)
+    stray = [item for item in extra if item.startswith("-") or "=" not in item]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
 
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

@@ -93,6 +93,8 @@ def phase_costs(runs: list) -> list[PhaseCost]:
                                row.get("generated_tokens", 0), row.get("trained_tokens", 0),
                                train.get("total_tokens", 0), row.get("reused_from")))
         test = run.test
+        if not test:  # no test set scored (BetterTogether.compile): no test phase to cost
+            continue
         returned = paper_notation(test.get("strategy") or "")
         costs.append(_cost(run, resources, None, "test", returned, float(test.get("wall_s") or 0.0),
                            0.0, test.get("generated_tokens", 0), 0, 0, None))

@@ -109,7 +109,7 @@ def plot_steps(results: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(rows) + 1), 3.2))
     bars = ax.bar(range(len(rows)), [r["dev"] or 0.0 for r in rows], color=["#999" if i == 0 else "#3a7" for i in
                                                                      range(len(rows))])
-    ax.bar_label(bars, fmt="%.1f")
+    ax.bar_label(bars, labels=["—" if r["dev"] is None else f"{r['dev']:.1f}" for r in rows])  # — : not scored
     if results.get("test"):
         test = results["test"]
         ax.axhline(test["score"], color="#c33", linestyle="--", label=f"test (returned): {test['score']:.1f}")

@@ -115,6 +115,12 @@ def test_dry_run_prints_the_plan_and_starts_nothing(tmp_path, capsys):
     assert "iris-smol-p_p-s1" in out and "iris-smol-p-s1 (reuses steps 0-1)" in out and "2 CPU" in out
     assert not (tmp_path / "out").exists()
     assert main(["sweep", str(tmp_path / "nope.yaml"), "--dry-run"]) == 2
+    # key=value after a flag is an override as well; anything else after it is refused by argparse
+    assert main(["sweep", str(path), "--dry-run", "seeds=[0]"]) == 2  # a grid key, refused by the sweep
+    assert "seeds" in capsys.readouterr().err
+    assert main(["sweep", str(path), "--dry-run", "train.epochs=3"]) == 0
+    with pytest.raises(SystemExit):
+        main(["sweep", str(path), "--dry-run", "stray"])
 
 
 # ---------------------------------------------------------------- rerun decisions and seeding

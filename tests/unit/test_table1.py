@@ -285,3 +285,10 @@ def test_report_of_a_sweep_in_object_storage(sweep, tmp_path, monkeypatch):
     assert len(report.table.runs) == 7 and [p.name for p in report.unfinished] == ["iris-w-s0"]
     assert str(report.table.runs[0].dir).startswith(str(tmp_path / "cache"))
     assert report.markdown == make_report(sweep).markdown.replace(str(sweep), str(report.unfinished[0].parents[1]))
+
+
+def test_a_run_without_a_test_set_has_no_test_phase_cost(tmp_path):
+    run_dir = write_run(tmp_path, "bt", "iris", "m", "Π", 0, [step(0, "vanilla", 1.0, 2.0, 1)], 1.0)
+    results = json.loads((run_dir / "results.json").read_text())
+    (run_dir / "results.json").write_text(json.dumps({**results, "test": None}))  # BetterTogether.compile's
+    assert [c.phase for c in costs.phase_costs(find_runs(tmp_path, {})[0])] == ["vanilla"]
