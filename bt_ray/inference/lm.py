@@ -21,6 +21,7 @@ from typing import Any
 import dspy
 from dspy.lm15 import Message, Request, Response, TextPart, Usage
 
+from bt_ray.errors import RequestError
 from bt_ray.inference.engine import COMPLETION_MARKER, GenerationRequest, SamplingParams
 
 
@@ -48,7 +49,7 @@ class PoolEngine:
         self.pool = pool
         self.version = version
         self.seed = seed
-        self._seen: Counter[str] = Counter()  # identical requests reaching us = fresh rollouts
+        self._seen: Counter[tuple] = Counter()  # identical requests reaching us = fresh rollouts
         self._lock = threading.Lock()
 
     def complete(self, request: Request) -> Response:
@@ -62,23 +63,23 @@ class PoolEngine:
         messages = request_messages(request)
         cfg = request.config
         stop = tuple(dict.fromkeys((*cfg.stop, COMPLETION_MARKER)))
-        sampling = SamplingParams(
-            temperature=cfg.temperature if cfg.temperature is not None else 0.1,
-            top_p=cfg.top_p if cfg.top_p is not None else 1.0,
-            max_tokens=cfg.max_tokens or 256,
-            stop=stop,
-            seed=cfg.seed if cfg.seed is not None else self._seed_for(messages, cfg.temperature),
-        )
+        temperature = cfg.temperature if cfg.temperature is not None else 0.1
+        top_p = cfg.top_p if cfg.top_p is not None else 1.0
+        if not (0 <= temperature <= 2 and 0 < top_p <= 1):  # a per-call value (lm(..., temperature=...))
+            raise RequestError(f"temperature must be in [0, 2] and top_p in (0, 1]; this call asked for "
+                               f"temperature={temperature}, top_p={top_p}")
+        sampling = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=cfg.max_tokens or 256, stop=stop,
+                                  seed=self._seed_for(messages, cfg.temperature, cfg.seed))
         return GenerationRequest(messages=messages, sampling=sampling, adapter=self.version)
 
-    def _seed_for(self, messages: tuple, temperature: float | None) -> int:
-        # Reproducible per request, yet a repeated identical request (DSPy bypassed its
-        # cache on purpose, e.g. a new rollout_id) gets a new sample.
+    def _seed_for(self, messages: tuple, temperature: float | None, seed: int | None) -> int:
+        # Reproducible per request (and per the call's own seed), yet a repeated identical request
+        # (DSPy bypassed its cache on purpose: a new rollout_id, n > 1) gets a new sample.
         key = hashlib.sha256(repr((self.seed, self.version, temperature, messages)).encode()).hexdigest()
         with self._lock:
-            nth = self._seen[key]
-            self._seen[key] += 1
-        return int(key[:12], 16) + nth
+            nth = self._seen[(key, seed)]
+            self._seen[(key, seed)] += 1
+        return (int(key[:12], 16) if seed is None else seed) + nth
 
     def stream(self, request: Request):
         raise NotImplementedError("bt-ray's pool engine does not stream; call without streaming")

@@ -65,6 +65,31 @@ def test_dspy_settings_reach_vllm_and_n_candidates_are_n_samples():
         assert (kwargs["n"], kwargs["temperature"], kwargs["max_tokens"]) == (1, 0.7, 50)
         assert COMPLETION_MARKER in kwargs["stop"]
     assert len({kwargs["seed"] for kwargs in mapped}) == 3
+    # With the call's own seed: n different samples still, from seeds that repeat run to run.
+    with dspy.context(lm=lm, adapter=dspy.ChatAdapter()):
+        dspy.Predict("question -> answer", n=3)(question="3+3?", config={"seed": 5})
+    assert sorted(r.sampling.seed for r in pool.requests[3:]) == [5, 6, 7]
+
+
+def test_per_call_sampling_values_outside_range_fail_that_call():
+    import dspy
+
+    from bt_ray.errors import BtRayError, RequestError
+    from bt_ray.inference.lm import pool_lm
+
+    from .fakes import FakePool, unique_tag
+
+    pool = FakePool()
+    lm = pool_lm(pool, unique_tag(), None, temperature=0.7, max_tokens=50)
+    for bad in ({"top_p": 0.0},):  # (DSPy itself refuses temperature outside [0, 2] and top_p > 1)
+        with pytest.raises(Exception, match="temperature must be in") as err:  # DSPy wraps it: LMUnexpectedError
+            with dspy.context(lm=lm, adapter=dspy.ChatAdapter()):
+                dspy.Predict("question -> answer")(question="2+2?", config=bad)
+        chain, seen = [], err.value
+        while seen is not None:  # as the fan-out walks it (phases/fanout.py)
+            chain, seen = [*chain, seen], seen.__cause__ or seen.__context__
+        assert any(isinstance(e, RequestError) for e in chain) and not any(isinstance(e, BtRayError) for e in chain)
+        assert not pool.requests  # refused before any engine saw it
 
 
 def test_adapter_ids_are_never_reused():
