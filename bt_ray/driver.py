@@ -220,6 +220,7 @@ def preflight(config: RunConfig, task: Task) -> Splits:
         splits = task.load_splits(config.task, config.seed)
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(f"task {task.name!r}: {exc}") from None
+    _check_splits(splits, config, parse_strategy(config.strategy))
     if splits.offline:
         logger.warning("data: OFFLINE stand-in, not the paper's data: %s", splits.source)
     steps = parse_strategy(config.strategy)
@@ -233,6 +234,19 @@ def preflight(config: RunConfig, task: Task) -> Splits:
         raise ConfigError(problems)
     _try_metric(task, splits)
     return splits
+
+
+def _check_splits(splits: Any, config: RunConfig, steps: tuple[str, ...]) -> None:
+    """What the task's data function returned: a Splits whose parts the run needs are not empty."""
+    source = f"task.data={config.task.data}" if config.task.data else f"task {config.task.name!r}"
+    if not isinstance(splits, Splits):
+        raise ConfigError(f"{source} returned a {type(splits).__name__}; return bt_ray.tasks.Splits(train=[...], "
+                          f"dev=[...], test=[...], source='where the data came from')")
+    needed = {"dev": "every step is scored on it", "test": "the returned program is scored on it",
+              **({"train": "Π and Θ learn from it"} if steps else {})}
+    empty = [f"the {part} split is empty ({why})" for part, why in needed.items() if not getattr(splits, part)]
+    if empty:
+        raise ConfigError([f"{source}: {problem}" for problem in empty])
 
 
 def _try_metric(task: Task, splits: Splits) -> None:

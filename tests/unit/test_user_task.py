@@ -55,3 +55,31 @@ def test_bad_import_paths_are_config_errors(overrides, message):
 def test_not_callable():
     with pytest.raises(ValueError, match="is a module, not a function"):
         load_callable("examples.addition:random")
+
+
+def tuple_splits(task_config, seed):  # a user's data function that forgot Splits (used by the test below)
+    from examples.addition import load_splits
+
+    splits = load_splits(task_config, seed)
+    return splits.train, splits.dev, splits.test
+
+
+def no_test_split(task_config, seed):
+    from dataclasses import replace
+
+    from examples.addition import load_splits
+
+    return replace(load_splits(task_config, seed), test=[], dev=[])
+
+
+@pytest.mark.parametrize("data, message", [
+    ("tuple_splits", r"task.data=tests.unit.test_user_task:tuple_splits returned a tuple; return "
+                     r"bt_ray.tasks.Splits\(train="),
+    ("no_test_split", r"the dev split is empty \(every step is scored on it\)\n.*the test split is empty"),
+])
+def test_a_data_function_is_checked_before_any_work(tmp_path, data, message):
+    config = load_config("examples/addition.yaml", [f"output_dir={tmp_path}", "name=u",
+                                                    f"task.data=tests.unit.test_user_task:{data}"])
+    with pytest.raises(ConfigError, match=message):
+        Driver(config)
+    assert not (tmp_path / "u").exists()
