@@ -114,7 +114,8 @@ class BetterTogether(Teleprompter):
         seed = session.config.seed if seed is None else seed
         trainset, valset = _split(trainset, valset, valset_ratio, seed)
         config = self._run_config(session, student, parsed, seed, has_valset=bool(valset))
-        state = RunState.open(config.run_dir, config, session.resume, tuple(parsed))
+        data = Splits(list(trainset), list(valset or []), [], source="BetterTogether.compile(trainset, valset)")
+        state = RunState.open(config.run_dir, config, session.resume, tuple(parsed), data.fingerprint())
         self.run_dir = config.run_dir
         logger.info("BetterTogether %r on %s: %d train, %s validation -> %s", config.strategy,
                     type(student).__name__, len(trainset), len(valset) if valset else "no", config.run_dir)

@@ -281,7 +281,7 @@ class Driver:
         self.steps = parse_strategy(config.strategy)
         self.task = task_for(config.task)
         self.splits = preflight(config, self.task)
-        self.state = RunState.open(config.run_dir, config, resume, self.steps)
+        self.state = RunState.open(config.run_dir, config, resume, self.steps, self.splits.fingerprint())
 
     def run(self, session: Any = None) -> dict[str, Any]:
         """Run (or resume) every step. `session` defaults to a new Session (Ray + pool) for this run."""

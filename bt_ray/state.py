@@ -56,12 +56,15 @@ class RunState:
         self.run_dir = run_dir
         self.steps: list[StepRecord] = []
         self.test: dict[str, Any] | None = None
+        self.data: dict[str, Any] | None = None  # Splits.fingerprint() of the data the run was made on
         self.mirror: RunMirror | None = None
 
     @classmethod
-    def open(cls, run_dir: Path, config: RunConfig, resume: bool, steps: tuple[str, ...] | None = None) -> "RunState":
+    def open(cls, run_dir: Path, config: RunConfig, resume: bool, steps: tuple[str, ...] | None = None,
+             data: dict[str, Any] | None = None) -> "RunState":
         """A fresh state, or the saved one when resuming; refuses to overwrite finished work, and a resume
-        whose config or strategy (`steps`, p/w codes) does not continue the saved run, before anything is written."""
+        whose config, strategy (`steps`, p/w codes) or data (Splits.fingerprint) does not continue the saved
+        run, before anything is written."""
         state = cls(run_dir)
         state.mirror = open_run(config.output_dir, run_dir, resume)  # a URI output_dir: pulled, pushed on save
         state_file = run_dir / "state.json"
@@ -71,12 +74,16 @@ class RunState:
         if state_file.exists():
             saved = yaml.safe_load((run_dir / "config.yaml").read_text())
             _check_compatible(saved, to_dict(config), run_dir)
-            data = json.loads(state_file.read_text())
-            state.steps = [StepRecord(**s) for s in data["steps"]]
+            saved_state = json.loads(state_file.read_text())
+            state.steps = [StepRecord(**s) for s in saved_state["steps"]]
             if steps is not None:
                 check_resumable(state, steps, config.strategy)
+            _check_same_data(saved_state.get("data"), data, run_dir)
+            state.data = data or saved_state.get("data")
         elif resume:
             raise ConfigError(f"--resume: {run_dir} holds no run to resume (no state.json); drop --resume to start")
+        else:
+            state.data = data
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
         return state
@@ -90,7 +97,7 @@ class RunState:
         self.save()
 
     def save(self) -> None:
-        data = {"steps": [asdict(s) for s in self.steps], "test": self.test}
+        data = {"steps": [asdict(s) for s in self.steps], "test": self.test, "data": self.data}
         tmp = self.run_dir / "state.json.tmp"
         tmp.write_text(json.dumps(data, indent=2))
         os.replace(tmp, self.run_dir / "state.json")  # atomic: a kill never leaves half a state
@@ -116,6 +123,18 @@ def check_resumable(state: RunState, steps: tuple[str, ...], strategy: str) -> N
         if record.index > len(steps) or (record.index and record.code != steps[record.index - 1]):
             raise ConfigError(f"--resume: finished step {record.index} was {record.strategy!r}, which is not a "
                               f"prefix of strategy {strategy!r}; use that strategy or a new name=")
+
+
+def _check_same_data(saved: dict | None, current: dict | None, run_dir: Path) -> None:
+    if not saved or not current or saved.get("digest") == current.get("digest"):
+        return  # (a state.json from before bt-ray recorded its data is not checked)
+
+    def said(d: dict) -> str:
+        return f"{d.get('source')}, {d.get('train')}/{d.get('dev')}/{d.get('test')} train/dev/test"
+
+    raise ConfigError(f"--resume: {run_dir} was made on other data ({said(saved)}) than it would continue on "
+                      f"({said(current)}); its finished steps and a new test score would mix the two. Resume "
+                      f"where the data is as it was, or start a new run with another name=")
 
 
 def _check_compatible(saved: dict, current: dict, run_dir: Path) -> None:

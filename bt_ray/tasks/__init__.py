@@ -10,8 +10,10 @@ task.metric = "pkg.module:function") or registered in Python with `register`.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -32,6 +34,16 @@ class Splits:
 
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train), "dev": len(self.dev), "test": len(self.test)}
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Where the data came from and a digest of every example: a resume on other data is refused."""
+        digest = hashlib.sha256()
+        for part in (self.train, self.dev, self.test):
+            for example in part:
+                fields = example.toDict() if hasattr(example, "toDict") else example
+                digest.update(json.dumps(fields, sort_keys=True, default=str).encode())
+            digest.update(b"|")
+        return {"source": self.source, "offline": self.offline, **self.sizes(), "digest": digest.hexdigest()[:16]}
 
 
 @dataclass(frozen=True)

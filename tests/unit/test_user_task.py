@@ -83,3 +83,27 @@ def test_a_data_function_is_checked_before_any_work(tmp_path, data, message):
     with pytest.raises(ConfigError, match=message):
         Driver(config)
     assert not (tmp_path / "u").exists()
+
+
+DOWNLOADED = {"yes": False}  # what `bt-ray data download` would change between a run and its resume
+
+
+def data_that_changes(task_config, seed):
+    from dataclasses import replace
+
+    from examples.addition import load_splits
+
+    splits = load_splits(task_config, seed)
+    return replace(splits, train=splits.train[::-1], source="downloaded") if DOWNLOADED["yes"] else splits
+
+
+def test_a_resume_on_other_data_is_refused(tmp_path, fake_trainer, monkeypatch):  # noqa: F811
+    config = lambda *extra: load_config("examples/addition.yaml", [  # noqa: E731
+        f"output_dir={tmp_path}", "name=u", "task.data=tests.unit.test_user_task:data_that_changes", *extra])
+    solve = lambda request: "[[ ## reasoning ## ]]\nadd\n\n[[ ## answer ## ]]\n2\n\n"  # noqa: E731
+    Driver(config("strategy=vanilla")).run(session=FakeSession(solve))
+    Driver(config("strategy=p"), resume=True)  # same data: resumes
+    monkeypatch.setitem(DOWNLOADED, "yes", True)
+    with pytest.raises(ConfigError, match=r"made on other data \(examples/addition.py .*60/30/30.*\) than it would "
+                                          r"continue on \(downloaded, 60/30/30"):
+        Driver(config("strategy=p"), resume=True)
