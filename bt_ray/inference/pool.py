@@ -86,6 +86,8 @@ class InferencePool:
         self._replacing: set[str] = set()  # replica ids whose replacement is starting
         self._failures: list[str] = []  # why replicas are missing: failed replacements, restarts used up
         self._closed = False  # shut down: a replacement that starts late is killed
+        self._spawning = 0  # replacements whose engines are starting (on the replicas' GPUs)
+        self._engines_may_start = True  # False from sleep() to wake(): Θ may be training on those GPUs
         self._ids = itertools.count()
         self._slots = itertools.count(config.inference.replicas)  # actor names of replacements
         self.router: Router | None = None
@@ -162,7 +164,13 @@ class InferencePool:
             replica_id, inf.engine, self.model_dir, inf, self.config.model.dtype)
 
     def sleep(self) -> None:
-        """Every replica frees its GPU memory (placement timeshare, during Θ); requests fail until wake()."""
+        """Every replica frees its GPU memory (placement timeshare, during Θ); requests fail until wake().
+        A replacement whose engine is starting finishes and sleeps with the others; one needed later waits
+        for wake() before it starts an engine, so nothing loads onto the GPUs while Θ trains there."""
+        with self._lock:
+            self._engines_may_start = False
+            while self._spawning and not self._closed:
+                self._changed.wait()
         with self._adapters_lock:  # a replacement started meanwhile sleeps too
             self._on_every_replica("sleep", lambda actor: actor.sleep.remote())
             self.asleep = True
@@ -171,6 +179,9 @@ class InferencePool:
         with self._adapters_lock:
             self._on_every_replica("wake", lambda actor: actor.wake.remote())
             self.asleep = False
+        with self._lock:
+            self._engines_may_start = True
+            self._changed.notify_all()
 
     def _on_every_replica(self, what: str, call, error: type[Exception] = EngineError) -> int:
         """`call(actor)` on every live replica, waiting for all. A replica that died is replaced (its
@@ -322,8 +333,8 @@ class InferencePool:
                 self._failures.append(why)
                 self._changed.notify_all()
                 return
-            logger.warning("%s died (%r); %d live replica(s) serve while a new one starts",
-                           replica_id, cause, len(self.replicas))
+            logger.warning("%s died (%s); %d live replica(s) serve while a new one starts",
+                           replica_id, _cause(cause), len(self.replicas))
             self._replacing.add(replica_id)
         threading.Thread(target=self._start_replacement, args=(replica_id,), name=f"replace-{replica_id}",
                          daemon=True).start()
@@ -331,6 +342,14 @@ class InferencePool:
     def _start_replacement(self, replica_id: str) -> None:
         import ray
 
+        with self._lock:  # not while the replicas sleep for Θ (see sleep())
+            while not self._engines_may_start and not self._closed:
+                self._changed.wait()
+            if self._closed:
+                self._replacing.discard(replica_id)
+                self._changed.notify_all()
+                return
+            self._spawning += 1
         try:
             index = next(self._slots)
             actor = self._spawn(replica_id, index)
@@ -356,6 +375,7 @@ class InferencePool:
         finally:
             with self._lock:
                 self._replacing.discard(replica_id)
+                self._spawning -= 1
                 self._changed.notify_all()
 
 

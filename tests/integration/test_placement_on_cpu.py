@@ -49,3 +49,30 @@ def test_pool_replicas_sleep_and_wake(ray_cluster, tmp_path):
     finally:
         pool.shutdown()
     assert pool.group is None
+
+
+def test_a_replica_lost_while_the_pool_sleeps_is_replaced_only_after_wake(ray_cluster, tmp_path):
+    """Timeshare: while the replicas sleep, Θ trains on their GPUs, so a replacement must not start an engine
+    there until wake(). FakeEngine: no model."""
+    import ray
+
+    config = load_config(None, ["inference.engine=fake", "inference.cpus_per_replica=0.25", "inference.replicas=2",
+                                f"output_dir={tmp_path}", "placement.timeout_s=30"])
+    pool = InferencePool(config, "unused-model-dir", "gate")
+    pool.start()
+    try:
+        pool.sleep()
+        ray.kill(pool.replicas["replica-0"])
+        time.sleep(1.0)
+        pool.load_adapter("gate-v1", str(tmp_path))  # finds replica-0 dead: its replacement is due
+        time.sleep(2.0)
+        named = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if isinstance(a, dict)}
+        assert "replica-0" in pool._replacing and pool._spawning == 0 and "gate/replica-2" not in named
+        pool.wake()
+        deadline = time.monotonic() + 60
+        while "replica-0" not in pool.replicas and time.monotonic() < deadline:
+            time.sleep(0.5)
+        health = {h["replica"]: h for h in pool.health()}
+        assert health["replica-0"]["asleep"] is False and "gate-v1" in health["replica-0"]["adapters"]
+    finally:
+        pool.shutdown()
