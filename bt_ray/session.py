@@ -87,12 +87,12 @@ class Session:
     def training(self) -> Iterator[None]:
         """Around Θ's fit: in placement timeshare the replicas sleep, so training gets their GPUs."""
         timeshare = self.config.placement.mode == "timeshare"
-        if timeshare:
-            self.pool.sleep()
         try:
+            if timeshare:
+                self.pool.sleep()
             yield
         finally:
-            if timeshare:
+            if timeshare:  # also after a sleep that failed half-way: the replicas that slept wake
                 self.pool.wake()
 
     def close(self) -> None:
