@@ -88,7 +88,8 @@ def phase_costs(runs: list) -> list[PhaseCost]:
             code = split_strategy(row["strategy"])
             details = row.get("details") or {}
             train = details.get("train") or {}
-            costs.append(_cost(run, resources, row["step"], code[-1] if code else "vanilla", row["strategy"],
+            step_resources = row.get("resources") or resources  # a resume may have held other resources
+            costs.append(_cost(run, step_resources, row["step"], code[-1] if code else "vanilla", row["strategy"],
                                float(row.get("wall_s") or 0.0), float(train.get("wall_s") or 0.0),
                                row.get("generated_tokens", 0), row.get("trained_tokens", 0),
                                train.get("total_tokens", 0), row.get("reused_from")))

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from bt_ray.config import PromptConfig, RunConfig, TrainConfig
+from bt_ray.config import PromptConfig, RunConfig, TrainConfig, to_dict
+from bt_ray.costs import held
 from bt_ray.errors import BtRayError, ConfigError
 from bt_ray.model import check_model
 from bt_ray.phases.evaluate import EvalResult, evaluate
@@ -168,7 +169,8 @@ class PhaseLoop:
         record = StepRecord(index=index, code=code, strategy=strategy, version=version, program_path=str(path),
                             adapter_dir=details.get("adapter_dir"), dev=dev,
                             wall_s=round(time.time() - started, 2), usage=vars(spent),
-                            trained_tokens=details.get("train", {}).get("trained_tokens", 0), details=details)
+                            trained_tokens=details.get("train", {}).get("trained_tokens", 0), details=details,
+                            resources=held(to_dict(self.session.config)))
         self.state.add(record)
         self.state.event("done", step=index, strategy=strategy, dev=dev["score"], wall_s=record.wall_s)
         logger.info("step %d (%s): dev %s (%d examples, %d errors) in %.0fs", index, strategy,

@@ -51,6 +51,7 @@ def _step_row(step: Any) -> dict[str, Any]:
         "requests_by_version": usage.get("by_version", {}),
         "details": step.details,
         "reused_from": step.reused_from,
+        "resources": step.resources,
     }
 
 

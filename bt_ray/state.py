@@ -49,6 +49,7 @@ class StepRecord:
     trained_tokens: int = 0
     details: dict[str, Any] = field(default_factory=dict)
     reused_from: str | None = None  # the run that computed this step (a sweep's prefix sharing), None = this run
+    resources: dict[str, Any] | None = None  # what the run held while computing it (costs.held); a resume may differ
 
 
 class RunState:

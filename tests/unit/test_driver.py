@@ -92,6 +92,20 @@ def test_resume_refuses_a_different_config(tmp_path, fake_trainer):
     assert (saved.strategy, saved.inference.max_inflight) == ("p", load_config(None).inference.max_inflight)
 
 
+def test_each_step_is_costed_at_what_the_run_held_while_computing_it(tmp_path, fake_trainer):
+    from bt_ray import costs
+    from bt_ray.table1 import find_runs
+
+    for strategy, pool in (("p", ["inference.replicas=1", "inference.cpus_per_replica=1"]),
+                           ("p -> w", ["inference.replicas=4", "inference.cpus_per_replica=2"])):  # resumed bigger
+        config = _config(tmp_path, f"strategy={strategy}", *pool)
+        Driver(config, resume=strategy != "p").run(session=FakeSession(noisy_classifier, config=config))
+    phases = {c.step: c for c in costs.phase_costs(find_runs(tmp_path, {})[0]) if c.step is not None}
+    train = phases[2].train_wall_s  # Θ's training workers: train.cpus_per_worker x num_workers = 1 CPU
+    assert [phases[i].cpu_s for i in (0, 1, 2)] == pytest.approx(
+        [1 * phases[0].wall_s, 1 * phases[1].wall_s, 8 * phases[2].wall_s + 1 * train], abs=0.1)
+
+
 def test_resume_accepts_the_keys_bt_rays_own_errors_tell_you_to_raise(tmp_path, fake_trainer):
     Driver(_config(tmp_path, "strategy=p")).run(session=FakeSession(noisy_classifier))
     raised = ["placement.timeout_s=900", "inference.replica_restarts=10", "inference.request_retries=5",
