@@ -406,7 +406,7 @@ def _local_copy(root: str | Path) -> str | Path:
         return root
     local = storage.local_run_dir(str(root).rstrip("/"), "report-input")
     shutil.rmtree(local, ignore_errors=True)
-    count = storage.pull_named(str(root), ("results.json", "state.json", "config.yaml"), local)
+    count = storage.pull_named(str(root), ("results.json", "state.json", "config.yaml", "sweep.json"), local)
     logger.info("downloaded %d results/state/config files of %s into %s", count, storage.redact(str(root)), local)
     return local
 
