@@ -115,7 +115,9 @@ class BetterTogether(Teleprompter):
         trainset, valset = _split(trainset, valset, valset_ratio, seed)
         config = self._run_config(session, student, parsed, seed, has_valset=bool(valset))
         data = Splits(list(trainset), list(valset or []), [], source="BetterTogether.compile(trainset, valset)")
-        state = RunState.open(config.run_dir, config, session.resume, tuple(parsed), data.fingerprint())
+        inputs = {**data.fingerprint(),
+                  "optimizers": {key: _settings(self.optimizers[key]) for key in dict.fromkeys(parsed)}}
+        state = RunState.open(config.run_dir, config, session.resume, tuple(parsed), inputs)
         self.run_dir = config.run_dir
         logger.info("BetterTogether %r on %s: %d train, %s validation -> %s", config.strategy,
                     type(student).__name__, len(trainset), len(valset) if valset else "no", config.run_dir)
@@ -307,6 +309,14 @@ def _fresh_name(config: RunConfig, parsed: list[str], seed: int) -> str:
         n += 1
         name = f"{stem}-{n}"
     return name
+
+
+def _settings(optimizer: Teleprompter) -> str:
+    """What a resume must find unchanged behind a key: the optimizer and its keyword settings (PromptOptimizer,
+    LoRAFinetune); for another teleprompter its class (its own settings are not inspected)."""
+    overrides = getattr(optimizer, "overrides", None)
+    return type(optimizer).__name__ + (f"({', '.join(f'{k}={v!r}' for k, v in sorted(overrides.items()))})"
+                                       if overrides is not None else "")
 
 
 def _sortable(score: float | None) -> float:

@@ -64,8 +64,8 @@ class RunState:
     def open(cls, run_dir: Path, config: RunConfig, resume: bool, steps: tuple[str, ...] | None = None,
              data: dict[str, Any] | None = None) -> "RunState":
         """A fresh state, or the saved one when resuming; refuses to overwrite finished work, and a resume
-        whose config, strategy (`steps`, p/w codes) or data (Splits.fingerprint) does not continue the saved
-        run, before anything is written."""
+        whose config, strategy (`steps`, p/w codes) or data (Splits.fingerprint, with BetterTogether's
+        optimizer settings) does not continue the saved run, before anything is written."""
         state = cls(run_dir)
         state.mirror = open_run(config.output_dir, run_dir, resume)  # a URI output_dir: pulled, pushed on save
         state_file = run_dir / "state.json"
@@ -79,7 +79,7 @@ class RunState:
             state.steps = [StepRecord(**s) for s in saved_state["steps"]]
             if steps is not None:
                 check_resumable(state, steps, config.strategy)
-            _check_same_data(saved_state.get("data"), data, run_dir)
+            _check_same_inputs(saved_state.get("data"), data, run_dir)
             state.data = data or saved_state.get("data")
         elif resume:
             raise ConfigError(f"--resume: {run_dir} holds no run to resume (no state.json); drop --resume to start")
@@ -126,9 +126,17 @@ def check_resumable(state: RunState, steps: tuple[str, ...], strategy: str) -> N
                               f"prefix of strategy {strategy!r}; use that strategy or a new name=")
 
 
-def _check_same_data(saved: dict | None, current: dict | None, run_dir: Path) -> None:
-    if not saved or not current or saved.get("digest") == current.get("digest"):
+def _check_same_inputs(saved: dict | None, current: dict | None, run_dir: Path) -> None:
+    if not saved or not current:
         return  # (a state.json from before bt-ray recorded its data is not checked)
+    before, now = saved.get("optimizers") or {}, current.get("optimizers") or {}  # BetterTogether's keys
+    changed = [f"{key}: {before[key]} -> {now[key]}" for key in sorted(set(before) & set(now))
+               if before[key] != now[key]]
+    if changed:  # (a key a longer strategy adds is new, not changed)
+        raise ConfigError(f"--resume: {run_dir} was made with other optimizer settings ({'; '.join(changed)}); "
+                          f"resume with the same ones, or start a new run with another name=")
+    if saved.get("digest") == current.get("digest"):
+        return
 
     def said(d: dict) -> str:
         return f"{d.get('source')}, {d.get('train')}/{d.get('dev')}/{d.get('test')} train/dev/test"

@@ -279,6 +279,12 @@ def test_a_failing_step_raises_and_resume_continues_after_the_last_finished_one(
     assert len(a.calls) == 1 and len(calls) == 2  # 'a' was not run again
     assert [c["strategy"] for c in compiled.candidate_programs] == ["", "a", "a -> b"]
     assert optimizer.run_dir.name == "mine"
+    # A resume that changes what stands behind a finished key, or the data, is refused.
+    changed = bt_ray.BetterTogether(metric=metric, a=bt_ray.PromptOptimizer(num_candidates=9), b=Flaky())
+    with pytest.raises(ConfigError, match=r"other optimizer settings \(a: Same -> PromptOptimizer\(num_candidates=9\)"):
+        changed.compile(IrisProgram(), trainset=TRAIN, valset=VAL, strategy="a -> b")
+    with pytest.raises(ConfigError, match="made on other data"):
+        optimizer.compile(IrisProgram(), trainset=TRAIN[:-1], valset=VAL, strategy="a -> b")
 
 
 def test_pi_selects_on_a_trainset_subsample_unless_given_a_valset_for_its_key(session):
