@@ -339,9 +339,9 @@ class TransformersEngine:
         self._end_batch(error)
 
     def _end_batch(self, error: Exception) -> None:
-        for job in self._jobs.values():
+        jobs, self._jobs, self._batch = self._jobs, {}, None  # cleared before any caller hears of it
+        for job in jobs.values():
             self._finish(job.pending, error, self._batch_adapter)
-        self._jobs, self._batch = {}, None
 
     def _finish(self, pending: Pending, outcome: GenerationResult | Exception, adapter: str | None) -> None:
         """Count an outcome and hand it to the caller's event loop (futures are not thread-safe)."""
