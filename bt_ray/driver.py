@@ -222,10 +222,10 @@ def preflight(config: RunConfig, task: Task) -> Splits:
         splits = task.load_splits(config.task, config.seed)
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(f"task {task.name!r}: {exc}") from None
-    _check_splits(splits, config, parse_strategy(config.strategy))
+    steps = parse_strategy(config.strategy)
+    _check_splits(splits, config, steps)
     if splits.offline:
         logger.warning("data: OFFLINE stand-in, not the paper's data: %s", splits.source)
-    steps = parse_strategy(config.strategy)
     need = config.prompt.train_size + config.prompt.val_size
     if "p" in steps and len(splits.train) < need and splits.offline and len(splits.train) >= 2:
         _fit_prompt_sizes(config, len(splits.train))

@@ -1,5 +1,15 @@
 """bt-ray's exceptions. Every message says what failed, where, and what to try."""
 
+import re
+
+
+_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def plain(text: str) -> str:
+    """Text without the colour codes Ray puts on its actors' lines and errors."""
+    return _COLOUR.sub("", text)
+
 
 class BtRayError(Exception):
     """Base class for errors bt-ray raises on purpose."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import subprocess
 import sys
 import time
@@ -21,15 +20,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import bt_ray
-from bt_ray.errors import ConfigError
+from bt_ray.errors import ConfigError, plain
 from bt_ray.inference import placement
 from bt_ray.strategy import format_strategy
-from bt_ray.sweep import Cell, Sweep, decide, reused_steps, seed_from_parent, write_cell_config
+from bt_ray.sweep import Cell, Sweep, decide, reused_steps, seed_from_parent, status_rows, write_cell_config
 
 logger = logging.getLogger(__name__)
 
 LOG_TAIL_LINES = 30
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 POLL_S = 1.0
 
 
@@ -60,7 +58,7 @@ class SweepRun:
         self.sweep, self.echo = sweep, echo
         self.rows = {c.name: CellStatus(c.name, c.task, c.model, format_strategy(c.strategy), c.seed,
                                         str(c.run_dir), c.parent, c.need) for c in sweep.cells}
-        self.earlier = _earlier_rows(sweep.dir / "sweep.json")  # what a previous run of this sweep recorded
+        self.earlier = status_rows(sweep.dir / "sweep.json")  # what a previous run of this sweep recorded
         self.running: dict[str, tuple[subprocess.Popen, float]] = {}
         self.finished = 0
         self.started = time.time()
@@ -266,15 +264,6 @@ class SweepRun:
         return "\n".join(lines) + "\n"
 
 
-def _earlier_rows(path: Path) -> dict[str, dict[str, Any]]:
-    if not path.exists():
-        return {}
-    try:
-        return {row["name"]: row for row in json.loads(path.read_text())["cells"]}
-    except (ValueError, KeyError, TypeError):
-        return {}  # a damaged status file only loses the earlier wall times
-
-
 def _fits(need: dict[str, float], free: dict[str, float]) -> bool:
     return all(value <= free.get(key, 0.0) + 1e-9 for key, value in need.items() if value > 0)
 
@@ -289,7 +278,7 @@ def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
     """The log's last lines, without the colour codes Ray puts on its actors' lines."""
     if not path.exists():
         return []
-    return [_ANSI.sub("", line) for line in path.read_text(errors="replace").splitlines()[-lines:]]
+    return [plain(line) for line in path.read_text(errors="replace").splitlines()[-lines:]]
 
 
 def _cause(run_dir: Path, returncode: int, since: float) -> str:

@@ -240,6 +240,14 @@ def _seeds(value: Any, problems: list[str]) -> list[int]:
     return value
 
 
+def status_rows(path: Path) -> dict[str, dict[str, Any]]:
+    """sweep.json's rows by cell name; none if it is absent or damaged."""
+    try:
+        return {row["name"]: row for row in json.loads(path.read_text())["cells"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
 def cell_name(task: str, model: str, strategy: tuple[str, ...], seed: int) -> str:
     """iris-smollm2-135m-p_w_p-s0"""
     return f"{task}-{model}-{'_'.join(strategy) or 'vanilla'}-s{seed}"

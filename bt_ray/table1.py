@@ -144,14 +144,13 @@ def _apply_sweep_labels(runs: list[RunResult], models: dict[str, str]) -> None:
     """Columns by the sweep's own labels where a run is a sweep cell (<sweep>/cells/<cell>, in <sweep>/sweep.json):
     its task label, and its model label unless the model is one of `models`. Elsewhere, unmatched models that
     share a basename (/ckpt/a/final, /ckpt/b/final) are told apart by their full names."""
+    from bt_ray.sweep import status_rows
+
     sweeps: dict[Path, dict[str, dict]] = {}
     for run in runs:
         path = run.dir.parent.parent / "sweep.json"
-        if path not in sweeps:
-            try:
-                sweeps[path] = {row["name"]: row for row in json.loads(path.read_text())["cells"]}
-            except (OSError, ValueError, KeyError, TypeError):
-                sweeps[path] = {}  # not a sweep cell, or a damaged status file: the results' own names
+        if path not in sweeps:  # none: not a sweep cell, or a damaged status file (the results' own names)
+            sweeps[path] = status_rows(path)
         row = sweeps[path].get(run.dir.name) if run.dir.parent.name == "cells" else None
         if row and row.get("task") and row.get("model"):
             run.task_label = str(row["task"])

@@ -16,14 +16,13 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
-import re
 import threading
 import time
 from dataclasses import dataclass, field
 
 from bt_ray import storage
 from bt_ray.config import RunConfig
-from bt_ray.errors import AdapterError, EngineError, RequestError
+from bt_ray.errors import AdapterError, EngineError, RequestError, plain
 from bt_ray.inference import placement
 from bt_ray.inference.engine import GenerationRequest, GenerationResult
 from bt_ray.inference.replica import ReplicaActor
@@ -31,7 +30,6 @@ from bt_ray.inference.router import Router
 from bt_ray.model import adapter_digest
 
 logger = logging.getLogger(__name__)
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 @dataclass
@@ -406,7 +404,7 @@ class ReplicaDied(Exception):
 def _cause(exc: BaseException) -> str:
     """Type and message: Ray's actor errors say why the actor died (exit type, OOM killer, node) only in str().
     Of a remote traceback, its first line (which actor) and its last (the error raised)."""
-    lines = [line for line in _ANSI.sub("", str(exc)).strip().splitlines() if line.strip()]
+    lines = [line for line in plain(str(exc)).strip().splitlines() if line.strip()]
     text = " ... ".join(lines if len(lines) <= 2 else [lines[0], lines[-1].strip()])
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
