@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 STATE_FILE = "train_state.json"  # epoch, per-step losses and the run fingerprint, in every checkpoint
 OPTIMIZER_FILE = "optimizer.pt"
+PROGRESS_LINES = 10  # rank 0 logs about this many step lines per epoch
 _LOGS_HINT = "Worker tracebacks: the driver's output, or /tmp/ray/session_latest/logs/ on the worker's node"
 
 # Test-only fault injection: when set to a file path, rank 0 raises once after the first epoch's
@@ -324,7 +325,8 @@ class LoraRecipe:
             self.model = self.engine = self._deepspeed(model)
         if self.rank == 0:
             logger.info("worker setup: %s %s, %d torch threads, %d trainable params, from epoch %d",
-                        self.device, next(model.parameters()).dtype, threads, sum(p.numel() for p in params),
+                        self.device, next(model.parameters()).dtype, threads,
+                        sum(getattr(p, "ds_numel", p.numel()) for p in params),  # ZeRO-3: local numel is 0
                         self.start_epoch)
 
     def _deepspeed(self, model: Any) -> Any:
@@ -378,8 +380,6 @@ class LoraRecipe:
         logger.info("rank %d resumed at epoch %d of %d", self.rank, self.start_epoch, self.cfg.epochs)
 
     def train(self) -> None:
-        import ray.train
-
         cfg = self.cfg
         started = time.perf_counter() - self.train_s
         self.starts.append(self.start_epoch)
@@ -387,15 +387,17 @@ class LoraRecipe:
             plan = plan_epoch(len(self.examples), epoch=epoch, seed=self.loop_config["seed"],
                               batch_size=cfg.batch_size, num_workers=self.world,
                               micro_batch_size=cfg.micro_batch_size)
+            every = max(1, len(plan) // PROGRESS_LINES)
             for index, step in enumerate(plan):
                 loss, tokens = self._step(step)
                 self.losses.append(loss)
                 self.train_s = time.perf_counter() - started
-                metrics = {"epoch": epoch, "step": len(self.losses), "loss": loss, "tokens": tokens}
-                if index < len(plan) - 1:
-                    ray.train.report(metrics)
-                else:
-                    self.save_checkpoint(epoch + 1, metrics)
+                if self.rank == 0 and (index % every == 0 or index == len(plan) - 1):
+                    logger.info("epoch %d/%d step %d/%d: loss %.4f (%d trained tokens), %.1fs", epoch + 1,
+                                cfg.epochs, index + 1, len(plan), loss, tokens, self.train_s)
+            # One report per epoch, with its checkpoint: Ray Train's worker queue holds one report until
+            # the controller polls it (every 2 s), so a report per step held every step for up to 2 s.
+            self.save_checkpoint(epoch + 1, {"epoch": epoch, "step": len(self.losses), "loss": self.losses[-1]})
             if self.rank == 0:
                 logger.info("epoch %d/%d: mean loss %.4f", epoch + 1, cfg.epochs,
                             sum(self.losses[-len(plan):]) / len(plan))
