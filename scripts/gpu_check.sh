@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The offline GPU check (issue 7): installs the wheel sets, runs `pytest -m gpu` and the GPU
-# benchmarks, and writes everything to $OUT (or ./gpu-check-results). About 8 minutes on one H100.
+# benchmarks, and writes everything to $OUT (or ./gpu-check-results). About 18 minutes on a fresh H200.
 #
 #   bash scripts/gpu_check.sh                 # wheel parts under .whl/stack and .whl/extras
 #   STEPS=tests bash scripts/gpu_check.sh     # only the tests; STEPS=bench: only the benchmarks
 #   STEPS=serving,train8b ...                 # bench = serving,train,train8b (8B: LoRA training rate for estimates)
 #   WHEELS=/data/parts PYTHON=/opt/torch/bin/python3 bash scripts/gpu_check.sh
 #   TESTS=tests/gpu/test_vllm_adapters.py STEPS=tests bash scripts/gpu_check.sh   # some test files only
-# Also: TEST_TIMEOUT (420 s, all tests), TEST_CASE_TIMEOUT (240 s, one test), SERVING_TIMEOUT (300), TRAIN_TIMEOUT (150),
-# TRAIN8B_TIMEOUT (240), SERVING_ARGS / TRAIN_ARGS / TRAIN8B_ARGS (bench flags).
+# Also: TEST_TIMEOUT (420 s, all tests), TEST_CASE_TIMEOUT (240 s, one test), SERVING_TIMEOUT (480: two 8B
+# engine starts, ~150 s each on a fresh H200), TRAIN_TIMEOUT (150), TRAIN8B_TIMEOUT (240),
+# SERVING_ARGS / TRAIN_ARGS / TRAIN8B_ARGS (bench flags).
 #
 # The node: Python 3.12 with torch (CUDA), transformers and peft; vllm, ray and dspy absent; no
 # network; files arrive in parts of at most 60 MiB. Build the parts anywhere with network:
@@ -140,7 +141,7 @@ fi
 # bench/gpu_serving.py writes its JSON after every arm, so a timeout keeps the arms that finished.
 if [[ ",$STEPS," == *",serving,"* ]]; then
   step "bench/gpu_serving.py"
-  if timeout "${SERVING_TIMEOUT:-300}" "$PY" bench/gpu_serving.py ${SERVING_ARGS:-} --json "$RESULTS/bench_serving.json"; then record bench_serving ok
+  if timeout "${SERVING_TIMEOUT:-480}" "$PY" bench/gpu_serving.py ${SERVING_ARGS:-} --json "$RESULTS/bench_serving.json"; then record bench_serving ok
   else record bench_serving "failed (rc $?)"; fi
 fi
 if [[ ",$STEPS," == *",train,"* ]]; then
