@@ -77,7 +77,7 @@ class Session:
         """A dspy.LM for the base model (None) or a loaded adapter version."""
         inf = self.config.inference
         return pool_lm(self.pool, self.model_tag, version, temperature=inf.temperature, max_tokens=inf.max_tokens,
-                       top_p=inf.top_p, seed=self.config.seed)
+                       top_p=inf.top_p, seed=self.config.seed, max_inflight=inf.max_inflight)
 
     @property
     def train_gpus_per_worker(self) -> float:

@@ -13,9 +13,12 @@ cache never serves an answer of one version to another:
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import hashlib
 import threading
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import dspy
@@ -92,13 +95,18 @@ class PoolEngine:
 
 
 class AsyncPoolEngine:
-    """Async counterpart: runs the blocking pool call in a thread."""
+    """Async counterpart: runs the blocking pool call in a thread of an executor with `max_inflight`
+    threads (asyncio.to_thread's default executor has min(32, CPUs + 4): it capped an async program's
+    calls in flight far below what the replicas serve)."""
 
-    def __init__(self, sync: PoolEngine):
+    def __init__(self, sync: PoolEngine, max_inflight: int = 64):
         self.sync = sync
+        self.max_inflight = max_inflight
 
     async def complete(self, request: Request) -> Response:
-        return await asyncio.to_thread(self.sync.complete, request)
+        context = contextvars.copy_context()  # as asyncio.to_thread does: DSPy's settings follow the call
+        return await asyncio.get_running_loop().run_in_executor(
+            _threads(self.max_inflight), functools.partial(context.run, self.sync.complete, request))
 
     def stream(self, request: Request):
         raise NotImplementedError("bt-ray's pool engine does not stream; call without streaming")
@@ -110,11 +118,19 @@ class AsyncPoolEngine:
         return self
 
 
+@functools.cache
+def _threads(size: int) -> ThreadPoolExecutor:
+    """One executor per size, shared by every async LM (threads start as calls need them)."""
+    return ThreadPoolExecutor(max_workers=size, thread_name_prefix="bt-ray-async-lm")
+
+
 def pool_lm(pool: Any, model_tag: str, version: str | None, *, temperature: float, max_tokens: int,
-            top_p: float = 1.0, seed: int = 0) -> dspy.LM:
-    """A dspy.LM bound to one model version of the pool."""
+            top_p: float = 1.0, seed: int = 0, max_inflight: int = 64) -> dspy.LM:
+    """A dspy.LM bound to one model version of the pool; its async calls (`acall`) run up to
+    `max_inflight` at once."""
     engine = PoolEngine(pool, version, seed)
     kwargs = {"top_p": top_p} if top_p < 1.0 else {}
     weights = pool.adapter_digests.get(version) if version else None
-    return dspy.LM(version_model(model_tag, version, weights), engine=engine, async_engine=AsyncPoolEngine(engine),
+    return dspy.LM(version_model(model_tag, version, weights), engine=engine,
+                   async_engine=AsyncPoolEngine(engine, max_inflight),
                    temperature=temperature, max_tokens=max_tokens, cache=True, num_retries=0, **kwargs)
