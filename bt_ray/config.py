@@ -86,7 +86,8 @@ class InferenceConfig:
     cpus_per_replica: float = opt(1.0, "Ray CPUs reserved per replica")
     gpus_per_replica: float = opt(0.0, "Ray GPUs reserved per replica")
     torch_threads: int = opt(0, "torch threads per replica; 0 = all cores of its node")
-    max_batch_size: int = opt(16, "most requests decoded together in one forward pass")
+    max_batch_size: int = opt(16, "most requests decoded together in one forward pass (vLLM's max_num_seqs; "
+                              "GPU configs set 256)")
     batch_wait_ms: float = opt(5.0, "how long an idle replica waits for more requests before starting a batch")
     continuous_batching: bool = opt(
         True, "waiting requests join the running batch between decode steps; false = each batch runs to its "
