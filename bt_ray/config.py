@@ -97,6 +97,9 @@ class InferenceConfig:
     top_p: float = opt(1.0, "nucleus sampling cutoff")
     max_tokens: int = opt(256, "most tokens generated per call")
     max_inflight: int = opt(64, "most program runs in flight at once across the pool (fan-out bound)")
+    disk_cache: bool = opt(True, "DSPy's response cache also on disk in the run dir, so a resumed phase "
+                           "reuses the calls it finished; false = memory only, about half the driver's "
+                           "CPU per call (for replicas that answer hundreds of calls/s)")
     request_timeout_s: float = opt(600.0, "a request not answered in this time fails, naming the replica, "
                                               "unless that replica is still making progress (a long queue)")
     request_retries: int = opt(2, "times a request whose replica died is resent to a live replica")

@@ -62,7 +62,7 @@ class Session:
             # Several nodes: a plain output_dir must be one directory on all of them (adapters, checkpoints).
             storage.check_shared(self.config.output_dir, placement.alive_nodes(), placement.marker_visible)
             if self.cache_dir is not None:  # DSPy's response cache lives with the run: resume reuses it
-                dspy.configure_cache(enable_disk_cache=True, enable_memory_cache=True,
+                dspy.configure_cache(enable_disk_cache=self.config.inference.disk_cache, enable_memory_cache=True,
                                      disk_cache_dir=str(self.cache_dir))
             self.model_dir = resolve_model(self.config.model.name, self.config.model.cache_dir)
             self.model_tag = model_tag(self.model_dir)

@@ -29,7 +29,7 @@ EXECUTION_ONLY = {
     "output_dir", "name", "ray_address", "strategy",
     "inference.replicas", "inference.cpus_per_replica", "inference.gpus_per_replica", "inference.torch_threads",
     "inference.max_batch_size", "inference.batch_wait_ms", "inference.prefix_cache_tokens",
-    "inference.max_inflight", "inference.request_timeout_s", "inference.request_retries",
+    "inference.max_inflight", "inference.disk_cache", "inference.request_timeout_s", "inference.request_retries",
     "inference.replica_restarts", "inference.continuous_batching", "placement.timeout_s",
     "train.cpus_per_worker", "train.torch_threads", "train.max_failures", "model.cache_dir",
 }

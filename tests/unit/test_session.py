@@ -72,3 +72,27 @@ def test_a_new_adapter_under_an_old_version_name_is_not_answered_from_dspys_cach
             answers.append(f"{predict(question='q').answer} ({len(session.pool.requests)} engine call)")
     # The same weights again (a resume) are served from the cache: no engine call.
     assert answers == ["one (1 engine call)", "two (1 engine call)", "two (0 engine call)"]
+
+
+@pytest.mark.parametrize("disk", [True, False])
+def test_dspys_cache_lives_in_the_run_dir_on_disk_unless_disk_cache_is_off(monkeypatch, tmp_path, disk):
+    """Session.start with placement calls replaced (labelled fakes); stopped where the model would load."""
+    import dspy
+
+    from bt_ray.config import load_config
+    from bt_ray.session import Session
+
+    class Stop(Exception):
+        pass
+
+    monkeypatch.setattr(dspy, "cache", dspy.cache)  # put back after the test
+    monkeypatch.setattr("bt_ray.inference.placement.connect", lambda address: False)
+    monkeypatch.setattr("bt_ray.inference.placement.cluster_totals", lambda: {"CPU": 8.0, "GPU": 0.0})
+    monkeypatch.setattr("bt_ray.inference.placement.alive_nodes", lambda: [{"NodeID": "a" * 56}])
+    monkeypatch.setattr("bt_ray.session.resolve_model", lambda *a: (_ for _ in ()).throw(Stop()))
+    config = load_config(None, [f"output_dir={tmp_path}", f"inference.disk_cache={str(disk).lower()}"])
+    with pytest.raises(Stop):
+        Session(config, cache_dir=tmp_path / "cache").start()
+    assert dspy.cache.enable_memory_cache
+    assert dspy.cache.enable_disk_cache is disk
+    assert dspy.cache.disk_cache_dir == str(tmp_path / "cache")
