@@ -9,7 +9,7 @@ DSPy: what BootstrapFewShotWithRandomSearch.compile does for those seeds, minus 
 `BootstrapFewShot(...).compile(student, trainset=shuffled copy)` per seed, one after another, each
 running the teacher on one train example at a time until it has its demos, over a plain transformers
 `dspy.LM` (one `model.generate` per request; bench/_common.py).
-bt-ray: bt_ray.phases.prompt's bootstrap: every seed's teacher runs in waves, all seeds at once, through
+bt-ray: bt_ray.phases.prompt's bootstrap: every seed's teacher runs in waves of its own, all seeds at once, through
 the inference pool (one replica: batching + shared-prefix KV reuse), then each seed's demos are assembled
 as BootstrapFewShot does. bt-ray may run a few more teacher calls than needed (a wave asks for up to twice
 the demos still missing); they are counted.

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import logging
 import sys
-import threading
 import traceback
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -51,34 +50,39 @@ class Outcome:
 def run_jobs(jobs: list[Job], metric: Callable | None, *, adapter: Any, max_inflight: int,
              desc: str = "running") -> list[Outcome]:
     """Run every job concurrently; outcomes come back in job order."""
-    outcomes: list[Outcome | None] = [None] * len(jobs)
+    position = {id(job): i for i, job in enumerate(jobs)}
+    outcomes = run_stream(jobs, lambda outcome: [], metric, adapter=adapter, max_inflight=max_inflight, desc=desc)
+    return sorted(outcomes, key=lambda outcome: position[id(outcome.job)])
+
+
+def run_stream(jobs: list[Job], follow: Callable[[Outcome], list[Job]], metric: Callable | None, *, adapter: Any,
+               max_inflight: int, desc: str = "running") -> list[Outcome]:
+    """Run `jobs` concurrently; as each one ends, `follow(outcome)` (called in this thread) returns the jobs
+    it leads to, which start at once: no job waits for unrelated slower ones. Outcomes in the order they end."""
+    outcomes: list[Outcome] = []
     bar = tqdm.tqdm(total=len(jobs), desc=desc, file=sys.stderr, disable=None, dynamic_ncols=True)
-    lock = threading.Lock()
-
-    def work(i: int) -> None:
-        outcome = _run_one(jobs[i], metric, adapter)
-        with lock:
-            outcomes[i] = outcome
-            bar.update()
-
-    pool = ThreadPoolExecutor(max_workers=max(1, min(max_inflight, len(jobs))), thread_name_prefix="bt-fanout")
+    pool = ThreadPoolExecutor(max_workers=max(1, max_inflight), thread_name_prefix="bt-fanout")
     try:
-        futures = [pool.submit(work, i) for i in range(len(jobs))]
-        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        for future in done:
-            if future.exception() is not None:
-                for other in futures:
-                    other.cancel()
-                raise future.exception()
+        pending = {pool.submit(_run_one, job, metric, adapter) for job in jobs}
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                outcomes.append(future.result())  # a pool failure raises here; the rest are cancelled below
+                bar.update()
+                more = follow(outcomes[-1])
+                if more:
+                    bar.total += len(more)
+                    bar.refresh()
+                    pending |= {pool.submit(_run_one, job, metric, adapter) for job in more}
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
-    _check_metric(outcomes, desc)  # type: ignore[arg-type]
-    failed = [o.error for o in outcomes if o is not None and not o.ok]
+    _check_metric(outcomes, desc)
+    failed = [o.error for o in outcomes if not o.ok]
     if failed:
         first = failed[0].splitlines()[0][:160]
-        logger.info("%s: %d of %d examples raised and score 0 (first: %s)", desc, len(failed), len(jobs), first)
-    return outcomes  # type: ignore[return-value]
+        logger.info("%s: %d of %d examples raised and score 0 (first: %s)", desc, len(failed), len(outcomes), first)
+    return outcomes
 
 
 def _check_metric(outcomes: list[Outcome], desc: str) -> None:

@@ -10,9 +10,10 @@ fill the labeled demos. The best candidate on the validation subsample wins,
 earlier seeds winning ties.
 
 What differs from DSPy is only *how* it runs: the bootstraps of all seeds run
-concurrently in waves, and all candidates x validation examples are scored in one
-fan-out, instead of one example and one candidate after another. Outcomes are
-the same because a given (teacher, example) request gets the same answer.
+concurrently, each in waves of its own, and every candidate is scored on the
+validation examples as soon as it has its demos, all in one fan-out, instead of one
+example and one candidate after another. Outcomes are the same because a given
+(teacher, example) request gets the same answer.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import dspy
 from dspy.utils.hasher import Hasher
 
 from bt_ray.config import PromptConfig
-from bt_ray.phases.fanout import Job, Outcome, run_jobs
+from bt_ray.phases.fanout import Job, Outcome, run_stream
 
 logger = logging.getLogger(__name__)
 
@@ -87,16 +88,16 @@ def optimize_prompts(program: Any, trainset: list, metric: Callable, *, lm: Any,
     if -2 in seeds:
         labeled = dspy.LabeledFewShot(k=config.max_labeled_demos).compile(student, trainset=train, sample=True)
         candidates[-2] = _bound(labeled, lm)
-    # The candidates that need no bootstrap are scored alongside the first bootstrap wave.
+    # Candidates that need no bootstrap are scored from the start; each bootstrap runs in waves of its own,
+    # and its candidate is scored as soon as it has its demos (no plan waits for another's stragglers).
     early = [Job(candidates[s], ex, tag=s) for s in candidates for ex in val]
     plans = [_plan(s, train, config, seed, student, lm, teacher) for s in seeds if s >= -1]
-    calls, outcomes = _bootstrap(plans, metric, config, adapter, max_inflight, early)
-    for plan in plans:
-        candidates[plan.seed] = _bound(_assemble(student, plan, config), lm)
 
-    jobs = [Job(candidates[p.seed], ex, tag=p.seed) for p in plans for ex in val]
-    outcomes += run_jobs(jobs, metric, adapter=adapter, max_inflight=max_inflight,
-                         desc=f"Π: scoring {len(plans)} bootstrapped candidates x {len(val)}")
+    def scoring(plan: Plan) -> list[Job]:
+        candidates[plan.seed] = _bound(_assemble(student, plan, config), lm)
+        return [Job(candidates[plan.seed], ex, tag=plan.seed) for ex in val]
+
+    calls, outcomes = _bootstrap(plans, metric, config, adapter, max_inflight, early, scoring)
     table = []
     for s in seeds:
         scores = [o.score for o in outcomes if o.job.tag == s]
@@ -142,33 +143,43 @@ def _plan(s: int, train: list, config: PromptConfig, run_seed: int, student: Any
 
 
 def _bootstrap(plans: list[Plan], metric: Callable, config: PromptConfig, adapter: Any, max_inflight: int,
-               extra: list[Job]) -> tuple[int, list[Outcome]]:
-    """Run every plan's teacher over its train order, all plans at once, in waves until each has enough.
+               extra: list[Job], then: Callable[[Plan], list[Job]] | None = None) -> tuple[int, list[Outcome]]:
+    """Run every plan's teacher over its train order, all plans at once, each in waves of its own until it has
+    enough passing traces. `extra` jobs run from the start, and `then(plan)`'s jobs as soon as that plan is
+    done. Returns the teacher calls made and the outcomes of the other jobs."""
+    running: dict[int, int] = {}  # plan seed -> runs of its current wave not yet ended
 
-    `extra` jobs ride along with the first wave; their outcomes are returned with the call count.
-    """
-    calls, wave, extra_outcomes = 0, 0, []
-    while extra or any(plan.wants_more() for plan in plans):
-        jobs, extra = list(extra), []
-        for plan in plans:
-            if not plan.wants_more():
-                continue
-            width = max(2 * (plan.size - len(plan.successes())), 4)
-            for i in range(plan.next_index, min(plan.next_index + width, len(plan.trainset))):
-                jobs.append(Job(_without(plan.teacher, plan.trainset[i]), plan.trainset[i], tag=(plan, i)))
-            plan.next_index = min(plan.next_index + width, len(plan.trainset))
-        wave += 1
-        outcomes = run_jobs(jobs, metric, adapter=adapter, max_inflight=max_inflight,
-                            desc=f"Π: bootstrap wave {wave} ({len(jobs)} runs)")
-        for outcome in outcomes:
-            if not isinstance(outcome.job.tag, tuple):  # a ride-along scoring job
-                extra_outcomes.append(outcome)
-                continue
-            plan, i = outcome.job.tag
-            plan.results[i] = outcome
-            plan.passed[i] = outcome.ok and _passes(outcome.score, config.metric_threshold)
-            calls += 1
-    return calls, extra_outcomes
+    def next_jobs(plan: Plan) -> list[Job]:
+        if plan.wants_more():
+            jobs = _wave(plan)
+            running[plan.seed] = len(jobs)
+            return jobs
+        return then(plan) if then else []
+
+    def follow(outcome: Outcome) -> list[Job]:
+        if not isinstance(outcome.job.tag, tuple):  # not a teacher run
+            return []
+        plan, i = outcome.job.tag
+        plan.results[i] = outcome
+        plan.passed[i] = outcome.ok and _passes(outcome.score, config.metric_threshold)
+        running[plan.seed] -= 1
+        return next_jobs(plan) if running[plan.seed] == 0 else []
+
+    first = list(extra) + [job for plan in plans for job in next_jobs(plan)]
+    outcomes = run_stream(first, follow, metric, adapter=adapter, max_inflight=max_inflight,
+                          desc=f"Π: {len(plans)} bootstraps + {len(extra)} scoring runs")
+    calls = sum(isinstance(o.job.tag, tuple) for o in outcomes)
+    return calls, [o for o in outcomes if not isinstance(o.job.tag, tuple)]
+
+
+def _wave(plan: Plan) -> list[Job]:
+    """The plan's next train examples to run its teacher on: twice the demos it still lacks (at least 4)."""
+    width = max(2 * (plan.size - len(plan.successes())), 4)
+    stop = min(plan.next_index + width, len(plan.trainset))
+    jobs = [Job(_without(plan.teacher, plan.trainset[i]), plan.trainset[i], tag=(plan, i))
+            for i in range(plan.next_index, stop)]
+    plan.next_index = stop
+    return jobs
 
 
 def _passes(score: float, threshold: float | None) -> bool:
