@@ -167,7 +167,7 @@ def _bootstrap(plans: list[Plan], metric: Callable, config: PromptConfig, adapte
 
     first = list(extra) + [job for plan in plans for job in next_jobs(plan)]
     outcomes = run_stream(first, follow, metric, adapter=adapter, max_inflight=max_inflight,
-                          desc=f"Π: {len(plans)} bootstraps + {len(extra)} scoring runs")
+                          desc=f"Π: {len(plans)} bootstraps and candidate scoring")
     calls = sum(isinstance(o.job.tag, tuple) for o in outcomes)
     return calls, [o for o in outcomes if not isinstance(o.job.tag, tuple)]
 
