@@ -5,6 +5,7 @@
 #   bash scripts/gpu_check.sh                 # wheel parts under .whl/stack and .whl/extras
 #   STEPS=tests bash scripts/gpu_check.sh     # only the tests; STEPS=bench: only the benchmarks
 #   STEPS=serving,train8b ...                 # bench = serving,train,train8b (8B: LoRA training rate for estimates)
+#   STEPS=serving,train,tests ...             # steps run in the order given (the ones that matter most first)
 #   WHEELS=/data/parts PYTHON=/opt/torch/bin/python3 bash scripts/gpu_check.sh
 #   TESTS=tests/gpu/test_vllm_adapters.py STEPS=tests bash scripts/gpu_check.sh   # some test files only
 # Also: TEST_TIMEOUT (420 s, all tests), TEST_CASE_TIMEOUT (240 s, one test), SERVING_TIMEOUT (480: two 8B
@@ -17,6 +18,8 @@
 #   bash gpu/make_extras.sh .whl/extras      # pytest, DeepSpeed, the shipped model, ... (gpu/extras.txt)
 # and copy the partN folders under .whl/stack/ and .whl/extras/ on the node (.whl/ is git-ignored). Every
 # .whl/extras* folder with a MANIFEST is an extra set (so the model can come as its own set, extras-model/).
+# On a machine reached one short command at a time, run it in the background and collect with
+# gpu/collect.sh (gpu/README.md, "A machine lent for a few minutes").
 # Results: gpu_check.log, gpu.csv, preflight.json, pytest-gpu.xml/.txt, bench_serving.json,
 # bench_train.json, bench_train_llama-3-8b.json, summary.txt. Exit status: 0 only if every step that ran passed.
 set -uo pipefail
@@ -29,7 +32,10 @@ PY=${PYTHON:-python3}
 WHEELS=${WHEELS:-$REPO/.whl}
 SITE=${SITE:-/tmp/bt-ray-site}
 STEPS=${STEPS:-tests,bench}
-[[ ",$STEPS," == *",bench,"* ]] && STEPS="$STEPS,serving,train,train8b"
+STEPS=${STEPS//bench/serving,train,train8b}
+for name in ${STEPS//,/ }; do  # a typo fails now, not after the install
+  case "$name" in tests|serving|train|train8b) ;; *) echo "STEPS: unknown step '$name' (known: tests, serving, train, train8b, bench)"; exit 2 ;; esac
+done
 
 # Ray token auth off for these checks only: their one-node Ray (ray.init) on the isolated GPU node is used over
 # loopback by this script's own processes; every cluster file in cluster/ keeps it on.
@@ -72,9 +78,9 @@ elif bash gpu/install_wheelset.sh "$WHEELS/stack" --target "$SITE" --python "$PY
 else
   record install_stack "failed: gpu/install_wheelset.sh $WHEELS/stack"; finish
 fi
-# Extra sets: every $WHEELS/extras* folder (each with its own MANIFEST, e.g. extras/ and extras-model/).
+# Extra sets: every $WHEELS/extras* folder with a MANIFEST in it or in its parts (extras/, extras-model/).
 EXTRA_SETS=()
-for d in "$WHEELS"/extras*; do [ -f "$d/MANIFEST" ] && EXTRA_SETS+=("$d"); done
+for d in "$WHEELS"/extras*; do [ -n "$(find "$d" -maxdepth 2 -name MANIFEST)" ] && EXTRA_SETS+=("$d"); done
 if [ ${#EXTRA_SETS[@]} -gt 0 ]; then
   EXTRA_WORK="$SITE-extras.wheels" extras_ok=1
   for d in "${EXTRA_SETS[@]}"; do
@@ -91,8 +97,9 @@ if [ ${#EXTRA_SETS[@]} -gt 0 ]; then
       wheel=$(ls "$EXTRA_WORK"/*/wheels/"${name//-/_}"-"$version"-*.whl "$EXTRA_WORK"/*/wheels/"$name"-"$version"-*.whl 2>/dev/null | head -1)
       [ -n "$wheel" ] && missing+=("$wheel") || echo "no wheel for $spec in ${EXTRA_SETS[*]}"
     done <gpu/extras.txt
-    if [ ${#missing[@]} -eq 0 ] || "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade \
-                                         --target "$EXTRA_SITE" "${missing[@]}"; then
+    if [ ${#missing[@]} -eq 0 ] || { "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade \
+                                         --target "$EXTRA_SITE" "${missing[@]}" &&
+                                       { "$PY" -m compileall -q -j 0 "$EXTRA_SITE" >/dev/null 2>&1 || true; }; }; then
       record install_extras "ok (${#missing[@]} installed)"
     else
       record install_extras "failed: pip install of ${#missing[@]} extra wheels"
@@ -126,8 +133,9 @@ sys.exit(f"preflight: not usable: {', '.join(bad)}" if bad else 0)
 PY
 if [ $? -eq 0 ]; then record preflight ok; else record preflight failed; finish; fi
 
-# 4. The GPU tests (vLLM LoRA versions, sleep/wake, DeepSpeed adapters, tiny Π→Θ→Π on one GPU).
-if [[ ",$STEPS," == *",tests,"* ]]; then
+# 4. The steps, in the order of $STEPS.
+# The GPU tests (vLLM LoRA versions, sleep/wake, DeepSpeed adapters, tiny Π→Θ→Π on one GPU).
+run_tests() {
   step "pytest -m gpu"
   timeout "${TEST_TIMEOUT:-420}" "$PY" -m pytest ${TESTS:-tests/gpu} -m gpu -v -rA -p no:cacheprovider --durations=0 \
     --timeout "${TEST_CASE_TIMEOUT:-240}" \
@@ -135,24 +143,32 @@ if [[ ",$STEPS," == *",tests,"* ]]; then
   rc=${PIPESTATUS[0]}
   if [ "$rc" -eq 0 ]; then record tests "ok ($(tail -1 "$RESULTS/pytest-gpu.txt"))"
   else record tests "failed (rc $rc): $(tail -1 "$RESULTS/pytest-gpu.txt")"; fi
-fi
+}
 
-# 5. The benchmarks (not tests: numbers for the README's performance section).
+# The benchmarks (not tests: numbers for the README's performance section).
 # bench/gpu_serving.py writes its JSON after every arm, so a timeout keeps the arms that finished.
-if [[ ",$STEPS," == *",serving,"* ]]; then
+run_serving() {
   step "bench/gpu_serving.py"
   if timeout "${SERVING_TIMEOUT:-480}" "$PY" bench/gpu_serving.py ${SERVING_ARGS:-} --json "$RESULTS/bench_serving.json"; then record bench_serving ok
   else record bench_serving "failed (rc $?)"; fi
-fi
-if [[ ",$STEPS," == *",train,"* ]]; then
+}
+run_train() {
   step "bench/gpu_train.py"
   if timeout "${TRAIN_TIMEOUT:-150}" "$PY" bench/gpu_train.py ${TRAIN_ARGS:-} --json "$RESULTS/bench_train.json"; then record bench_train ok
   else record bench_train "failed (rc $?)"; fi
-fi
-if [[ ",$STEPS," == *",train8b,"* ]]; then
+}
+run_train8b() {
   step "bench/gpu_train.py --arch llama-3-8b"
   if timeout "${TRAIN8B_TIMEOUT:-240}" "$PY" bench/gpu_train.py --arch llama-3-8b --epochs 1 --examples 32 ${TRAIN8B_ARGS:-} \
        --json "$RESULTS/bench_train_llama-3-8b.json"; then record bench_train_8b ok
   else record bench_train_8b "failed (rc $?)"; fi
-fi
+}
+
+IFS=, read -ra ORDER <<<"$STEPS"
+declare -A DONE=()
+for name in "${ORDER[@]}"; do
+  [ -z "$name" ] || [ -n "${DONE[$name]:-}" ] && continue
+  DONE[$name]=1
+  "run_$name"
+done
 finish
