@@ -4,17 +4,21 @@ It implements the engine protocol without a model. The answer is a function of
 the last user message and the adapter name, so tests can check routing,
 batching and adapter versioning without weights. A last message starting with
 `fake-sleep:<seconds>` is answered that much later (tests of busy and hung replicas).
+An adapter folder holding a file `fake-fail-once` fails to load on the one replica that
+claims (deletes) that file first (tests of a version that loads on some replicas only).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 from typing import Any, Callable
 
 from bt_ray.inference.engine import GenerationRequest, GenerationResult
 
 Responder = Callable[[GenerationRequest], str]
+FAIL_ONCE = "fake-fail-once"
 
 
 def echo_responder(request: GenerationRequest) -> str:
@@ -48,7 +52,12 @@ class FakeEngine:
         return GenerationResult(request.request_id, text, prompt_tokens, len(text.split()), "stop", request.adapter)
 
     async def load_adapter(self, name: str, path: str) -> None:
-        self.adapters[name] = path
+        try:
+            os.unlink(os.path.join(path, FAIL_ONCE))
+        except (FileNotFoundError, NotADirectoryError):
+            self.adapters[name] = path
+        else:
+            raise RuntimeError(f"fake engine: {FAIL_ONCE} in {path}")
 
     async def unload_adapter(self, name: str) -> None:
         self.adapters.pop(name, None)

@@ -181,24 +181,50 @@ class InferencePool:
             self._engines_may_start = True
             self._changed.notify_all()
 
-    def _on_every_replica(self, what: str, call, error: type[Exception] = EngineError) -> int:
+    def _on_every_replica(self, what: str, call, error: type[Exception] = EngineError, undo=None) -> int:
         """`call(actor)` on every live replica, waiting for all. A replica that died is replaced (its
-        replacement joins with every adapter version, asleep if the pool is) instead of failing the call;
-        any other failure raises `error` naming the replica. Callers hold `_adapters_lock`."""
+        replacement joins with every adapter version, asleep if the pool is) instead of failing the call.
+        Any other failure raises `error` naming each replica that failed and why, once all have answered;
+        with `undo(actor)`, the replicas where the call succeeded are first put back (an adapter loaded on
+        some replicas only is unloaded again). Callers hold `_adapters_lock`."""
         import ray
         from ray.exceptions import RayActorError
 
         with self._lock:
             refs = {rid: (actor, call(actor)) for rid, actor in self.replicas.items()}
+        succeeded, failed = [], {}
         for rid, (actor, ref) in refs.items():
             try:
                 ray.get(ref, timeout=self.config.inference.request_timeout_s)
+                succeeded.append((rid, actor))
             except RayActorError as exc:
                 self._replace(rid, actor, exc)
             except Exception as exc:
-                raise error(f"{rid} failed to {what}: {type(exc).__name__}: {exc}") from exc
+                failed[rid] = exc
+        if failed:
+            why = "; ".join(f"{rid}: {_cause(exc)}" for rid, exc in failed.items())
+            undone = self._undo(succeeded, undo) if undo is not None and succeeded else ""
+            raise error(f"{len(failed)} of {len(refs)} replica(s) failed to {what}: {why}{undone}") \
+                from next(iter(failed.values()))
         logger.info("%d replica(s): %s", len(refs), what)
         return len(refs)
+
+    def _undo(self, done: list[tuple[str, object]], undo) -> str:
+        """Put back the replicas where a call succeeded that failed elsewhere; say how that went."""
+        import ray
+
+        refs = [(rid, undo(actor)) for rid, actor in done]
+        left = []
+        for rid, ref in refs:
+            try:
+                ray.get(ref, timeout=self.config.inference.request_timeout_s)
+            except Exception as exc:  # reported with the error being raised, not instead of it
+                logger.error("%s could not be put back: %s", rid, _cause(exc))
+                left.append(rid)
+        names = ", ".join(rid for rid, _ in done)
+        return (f" (undone on {names}, where it had succeeded)" if not left else
+                f" (undone on {len(done) - len(left)} of {len(done)} replica(s); {', '.join(left)} could not be "
+                "put back, see the log)")
 
     # ------------------------------------------------------------ calls
 
@@ -295,8 +321,10 @@ class InferencePool:
         digest = None if storage.is_uri(path) else adapter_digest(path)
         path = storage.shared_path(path)  # a URI output_dir: replicas on any node get the uploaded copy
         with self._adapters_lock:  # a replacement started meanwhile loads it too
+            # a version is on every replica or on none: one that failed somewhere is unloaded where it loaded
             self._on_every_replica(f"load adapter {name!r} from {path}",
-                                   lambda actor: actor.load_adapter.remote(name, path), AdapterError)
+                                   lambda actor: actor.load_adapter.remote(name, path), AdapterError,
+                                   undo=lambda actor: actor.unload_adapter.remote(name))
             self.adapters[name], self.adapter_digests[name] = path, digest
 
     def unload_adapter(self, name: str) -> None:

@@ -58,3 +58,25 @@ def test_a_busy_replica_is_waited_for_and_a_hung_one_is_named(ray_cluster, tmp_p
         hung = GenerationRequest(({"role": "user", "content": "fake-sleep:30 hung"},), request_id="hung")
         with pytest.raises(EngineError, match=r"replica-0 gave no answer to request hung .*stood still"):
             pool.generate(hung)
+
+
+def test_a_version_that_fails_on_one_replica_is_on_none_afterwards(ray_cluster, tmp_path):
+    """FakeEngine (test engine): the folder's `fake-fail-once` file fails the load on exactly one replica."""
+    from bt_ray.errors import AdapterError
+    from bt_ray.inference.fake import FAIL_ONCE
+
+    config = load_config(None, ["inference.engine=fake", "inference.replicas=2", "inference.cpus_per_replica=0.5",
+                                f"output_dir={tmp_path}"])
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / FAIL_ONCE).touch()
+    with Session(config, "halfload") as session:
+        pool = session.pool
+        with pytest.raises(AdapterError, match=r"1 of 2 replica\(s\) failed to load adapter 'halfload-v1' .*"
+                                               r"replica-\d: .*fake-fail-once.* \(undone on replica-\d, where it "
+                                               r"had succeeded\)"):
+            pool.load_adapter("halfload-v1", str(adapter))
+        assert pool.adapters == {}
+        assert [h["adapters"] for h in pool.health()] == [[], []]  # not left on the replica where it loaded
+        pool.load_adapter("halfload-v2", str(adapter))  # the next version loads everywhere
+        assert [h["adapters"] for h in pool.health()] == [["halfload-v2"], ["halfload-v2"]]
