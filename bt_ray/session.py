@@ -86,14 +86,21 @@ class Session:
     @contextmanager
     def training(self) -> Iterator[None]:
         """Around Θ's fit: in placement timeshare the replicas sleep, so training gets their GPUs."""
-        timeshare = self.config.placement.mode == "timeshare"
-        try:
-            if timeshare:
-                self.pool.sleep()
+        if self.config.placement.mode != "timeshare":
             yield
-        finally:
-            if timeshare:  # also after a sleep that failed half-way: the replicas that slept wake
+            return
+        try:
+            self.pool.sleep()
+            yield
+        except BaseException as exc:  # also after a sleep that failed half-way: the replicas that slept wake
+            try:
                 self.pool.wake()
+            except Exception as wake_exc:  # told with the first error, not instead of it
+                logger.error("waking the inference replicas after %s failed: %s", type(exc).__name__, wake_exc)
+                exc.add_note(f"Waking the inference replicas afterwards failed too: {type(wake_exc).__name__}: "
+                             f"{wake_exc}")
+            raise
+        self.pool.wake()
 
     def close(self) -> None:
         global _current

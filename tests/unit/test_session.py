@@ -96,3 +96,59 @@ def test_dspys_cache_lives_in_the_run_dir_on_disk_unless_disk_cache_is_off(monke
     assert dspy.cache.enable_memory_cache
     assert dspy.cache.enable_disk_cache is disk
     assert dspy.cache.disk_cache_dir == str(tmp_path / "cache")
+
+
+class _SleepyPool:
+    """Test double of InferencePool's sleep/wake (labelled fake): records calls, fails where told."""
+
+    def __init__(self, sleep_error=None, wake_error=None):
+        self.calls, self.sleep_error, self.wake_error = [], sleep_error, wake_error
+
+    def sleep(self):
+        self.calls.append("sleep")
+        if self.sleep_error:
+            raise self.sleep_error
+
+    def wake(self):
+        self.calls.append("wake")
+        if self.wake_error:
+            raise self.wake_error
+
+
+def _timeshare_session(pool):
+    from bt_ray.config import load_config
+    from bt_ray.session import Session
+
+    session = Session(load_config(None, ["placement.mode=timeshare", "train.use_gpu=true",
+                                         "inference.gpus_per_replica=1", "inference.engine=fake"]))
+    session.pool = pool
+    return session
+
+
+def test_training_sleeps_and_wakes_the_replicas_and_a_failed_wake_does_not_hide_why():
+    pool = _SleepyPool()
+    with _timeshare_session(pool).training():
+        assert pool.calls == ["sleep"]
+    assert pool.calls == ["sleep", "wake"]
+
+    # Θ fails, then waking fails too: Θ's error is raised, with the wake's as a note
+    pool = _SleepyPool(wake_error=RuntimeError("replica-1 failed to wake"))
+    with pytest.raises(ValueError, match="loss is nan") as err:
+        with _timeshare_session(pool).training():
+            raise ValueError("loss is nan")
+    assert pool.calls == ["sleep", "wake"]
+    assert "Waking the inference replicas afterwards failed too: RuntimeError: replica-1 failed to wake" in \
+        err.value.__notes__[0]
+
+    # a sleep that failed half-way: the replicas that slept wake, and the sleep's error is the one raised
+    pool = _SleepyPool(sleep_error=RuntimeError("replica-0 failed to sleep"), wake_error=RuntimeError("no wake"))
+    with pytest.raises(RuntimeError, match="replica-0 failed to sleep"):
+        with _timeshare_session(pool).training():
+            pytest.fail("training must not start when the replicas did not all sleep")
+    assert pool.calls == ["sleep", "wake"]
+
+    # only the wake fails: its error is raised
+    pool = _SleepyPool(wake_error=RuntimeError("replica-1 failed to wake"))
+    with pytest.raises(RuntimeError, match="replica-1 failed to wake"):
+        with _timeshare_session(pool).training():
+            pass
