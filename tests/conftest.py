@@ -1,7 +1,14 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
+# DSPy's response cache of its own for each test session (before DSPy is imported): no test is answered
+# from what an earlier run, of other code, left in ~/.dspy_cache, and CI times do not depend on it.
+os.environ["DSPY_CACHEDIR"] = tempfile.mkdtemp(prefix="bt-ray-tests-dspy-cache-")
+atexit.register(shutil.rmtree, os.environ["DSPY_CACHEDIR"], ignore_errors=True)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
