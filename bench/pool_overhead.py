@@ -29,19 +29,21 @@ from concurrent.futures import ThreadPoolExecutor
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from bt_ray.config import load_config  # noqa: E402
-from bt_ray.inference.engine import GenerationRequest, SamplingParams  # noqa: E402
-from bt_ray.inference.fake import FakeEngine  # noqa: E402
+import gpu_serving  # noqa: E402 (bench/, beside this script)
 
-SAMPLING = SamplingParams(temperature=0.0, max_tokens=128, stop=())
+from bt_ray.config import load_config  # noqa: E402
+from bt_ray.inference.engine import GenerationRequest  # noqa: E402
+from bt_ray.inference.fake import FakeEngine  # noqa: E402
 
 
 def requests(n: int, latency_s: float) -> list[GenerationRequest]:
-    """Shaped as the GPU bench's: a shared system prompt of 600 words, then 100 words of each request's own."""
-    system = {"role": "system", "content": " ".join(f"w{i}" for i in range(600))}
-    own = lambda i: " ".join(f"w{i}-{j}" for j in range(100))  # noqa: E731
-    return [GenerationRequest((system, {"role": "user", "content": f"fake-sleep:{latency_s} {own(i)}"}), SAMPLING,
-                              request_id=f"r{i}") for i in range(n)]
+    """The GPU bench's requests, each told to the FakeEngine to take `latency_s`."""
+    def timed(r: GenerationRequest) -> GenerationRequest:
+        *head, last = r.messages
+        last = {**last, "content": f"fake-sleep:{latency_s} {last['content']}"}
+        return GenerationRequest((*head, last), r.sampling, r.adapter, r.request_id)
+
+    return [timed(r) for r in gpu_serving.requests(n)]
 
 
 def direct(reqs: list[GenerationRequest], concurrency: int) -> float:
@@ -71,7 +73,8 @@ def through_pool(pool, reqs: list[GenerationRequest], concurrency: int) -> float
 
 
 def prompt_cost(n: int = 256) -> tuple[float, int]:
-    """Seconds per request of the vLLM replica's prompt rendering on the GPU bench's tokenizer, and tokens."""
+    """Seconds per request of the vLLM replica's prompt rendering on the GPU bench's requests and tokenizer,
+    and the prompt's tokens."""
     from pathlib import Path
 
     from transformers import AutoTokenizer
@@ -79,9 +82,9 @@ def prompt_cost(n: int = 256) -> tuple[float, int]:
     from bt_ray.inference.chat import prompt_ids
     from bt_ray.synthetic import read_config, write_config_only
 
-    arch = read_config(Path(__file__).resolve().parent / "models" / "llama-3-8b.json")
+    arch = read_config(gpu_serving.ARCH)
     tokenizer = AutoTokenizer.from_pretrained(write_config_only(Path(tempfile.mkdtemp()) / "m", arch))
-    reqs = requests(n, 0)
+    reqs = gpu_serving.requests(n)
     tokens = len(prompt_ids(tokenizer, reqs[0].messages))
     start = time.perf_counter()
     for r in reqs:

@@ -97,9 +97,10 @@ if [ ${#EXTRA_SETS[@]} -gt 0 ]; then
       wheel=$(ls "$EXTRA_WORK"/*/wheels/"${name//-/_}"-"$version"-*.whl "$EXTRA_WORK"/*/wheels/"$name"-"$version"-*.whl 2>/dev/null | head -1)
       [ -n "$wheel" ] && missing+=("$wheel") || echo "no wheel for $spec in ${EXTRA_SETS[*]}"
     done <gpu/extras.txt
-    if [ ${#missing[@]} -eq 0 ] || { "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade \
-                                         --target "$EXTRA_SITE" "${missing[@]}" &&
-                                       { "$PY" -m compileall -q -j 0 "$EXTRA_SITE" >/dev/null 2>&1 || true; }; }; then
+    if [ ${#missing[@]} -eq 0 ] || "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade \
+                                         --target "$EXTRA_SITE" "${missing[@]}"; then
+      # byte-compiled on all cores, as install_wheelset.sh does for the stack
+      [ ${#missing[@]} -eq 0 ] || "$PY" -m compileall -q -j 0 "$EXTRA_SITE" >/dev/null 2>&1 || true
       record install_extras "ok (${#missing[@]} installed)"
     else
       record install_extras "failed: pip install of ${#missing[@]} extra wheels"
