@@ -1,4 +1,4 @@
-"""bt_ray.BetterTogether(...).compile(strategy="p -> w") as a DSPy user calls it: the shipped model, a real
+"""bt_ray.BetterTogether(...).compile(strategy="p -> w -> fs") as a DSPy user calls it: the shipped model, a real
 local Ray cluster, real DSPy, real LoRA on Ray Train (small subsamples)."""
 
 import dspy
@@ -18,55 +18,41 @@ SMALL = [
 ]
 
 
-def test_compile_p_w_on_the_shipped_model(ray_cluster, tmp_path):
+def test_compile_p_w_fs_on_the_shipped_model(ray_cluster, tmp_path):
+    """`p -> w -> fs`: bt-ray's Π on the base model, Θ, then DSPy's own BootstrapFewShot under the key "fs" (as
+    `gepa -> w -> gepa` would be), which bootstraps and is scored through the pool on Θ's adapter version."""
     splits = load_splits(TaskConfig(), seed=0)
     trainset, valset = splits.train[:16], splits.dev[:6]
     with bt_ray.init(None, [*SMALL, f"output_dir={tmp_path}"]) as session:
         student = IrisProgram()
         student.set_lm(session.lm())  # the pool as a dspy.LM, base model
-        optimizer = bt_ray.BetterTogether(metric=metric)
-        compiled = optimizer.compile(student, trainset=trainset, valset=valset, strategy="p -> w")
+        fs = dspy.BootstrapFewShot(metric=metric, max_bootstrapped_demos=2, max_labeled_demos=2, max_errors=100)
+        optimizer = bt_ray.BetterTogether(metric=metric, p=bt_ray.PromptOptimizer(), w=bt_ray.LoRAFinetune(),
+                                          fs=fs)
+        compiled = optimizer.compile(student, trainset=trainset, valset=valset, strategy="p -> w -> fs")
         version = f"{optimizer.run_dir.name}-v1"
         assert version in session.pool.adapters  # Θ's adapter is loaded on the replicas
         with dspy.context(adapter=session.adapter):  # the returned program runs through the pool, as in DSPy
             rescored = dspy.Evaluate(devset=valset, metric=metric, num_threads=8)(compiled).score
 
     candidates = compiled.candidate_programs
-    order = ["", "p", "p -> w"]
+    order = ["", "p", "p -> w", "p -> w -> fs"]
     assert sorted(c["strategy"] for c in candidates) == order
     keys = [(c["score"], -order.index(c["strategy"])) for c in candidates]
     assert keys == sorted(keys, reverse=True) and compiled is candidates[0]["program"]
     steps = optimizer.results["steps"]
+    assert [s["strategy"] for s in steps] == ["vanilla", "Π", "Π→Θ", "Π→Θ→fs"]
     assert [s["dev"] for s in steps] == [next(c["score"] for c in candidates if c["strategy"] == s)
                                          for s in order]
     assert set(steps[1]["requests_by_version"]) <= {"base"}  # Π ran on the base model
     assert steps[2]["requests_by_version"].get(version, 0) > 0  # the step after Θ is scored on its adapter
-    after_w = next(c["program"] for c in candidates if c["strategy"] == "p -> w")
-    assert {p.lm.model.rsplit("@", 1)[1] for p in after_w.predictors()} == {version}
+    assert steps[3]["details"]["optimizer"] == "BootstrapFewShot"
+    assert set(steps[3]["requests_by_version"]) == {version}  # its bootstrapping and scoring ran on the adapter
+    for strategy in ("p -> w", "p -> w -> fs"):
+        after = next(c["program"] for c in candidates if c["strategy"] == strategy)
+        assert {p.lm.model.rsplit("@", 1)[1] for p in after.predictors()} == {version}
     assert steps[2]["details"]["train"]["steps"] > 0
     assert rescored == candidates[0]["score"]  # same program, same model version, same (cached) answers
     assert bt_ray.current_session() is None and session.pool is None  # shut down; Ray (the fixture's) stays up
     assert ray_cluster.is_initialized()
     assert (optimizer.run_dir / "results.md").exists()
-
-
-def test_a_dspy_teleprompter_behind_a_key_runs_on_the_adapter(ray_cluster, tmp_path):
-    """`fs -> w -> fs` with DSPy's own BootstrapFewShot under the key "fs" (as `gepa -> w -> gepa`): the first
-    runs on the base model, the second bootstraps and is scored through the pool on Θ's adapter version."""
-    splits = load_splits(TaskConfig(), seed=0)
-    trainset, valset = splits.train[:12], splits.dev[:6]
-    with bt_ray.init(None, [*SMALL, f"output_dir={tmp_path}"]) as session:
-        student = IrisProgram()
-        student.set_lm(session.lm())
-        fs = dspy.BootstrapFewShot(metric=metric, max_bootstrapped_demos=2, max_labeled_demos=2, max_errors=100)
-        optimizer = bt_ray.BetterTogether(metric=metric, w=bt_ray.LoRAFinetune(), fs=fs)
-        compiled = optimizer.compile(student, trainset=trainset, valset=valset, strategy="fs -> w -> fs")
-        version = f"{optimizer.run_dir.name}-v1"
-
-    steps = optimizer.results["steps"]
-    assert [s["strategy"] for s in steps] == ["vanilla", "fs", "fs→Θ", "fs→Θ→fs"]
-    assert steps[1]["details"]["optimizer"] == steps[3]["details"]["optimizer"] == "BootstrapFewShot"
-    assert set(steps[1]["requests_by_version"]) <= {"base"}  # (empty when DSPy's cache answered every call)
-    assert set(steps[3]["requests_by_version"]) == {version}  # its bootstrapping and scoring ran on the adapter
-    after_fs = next(c["program"] for c in compiled.candidate_programs if c["strategy"] == "fs -> w -> fs")
-    assert {p.lm.model.rsplit("@", 1)[1] for p in after_fs.predictors()} == {version}

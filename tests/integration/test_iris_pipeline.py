@@ -13,8 +13,8 @@ from bt_ray.tasks import get_task
 pytestmark = pytest.mark.integration
 
 SMALL = [
-    "task.train_size=30", "task.dev_size=15", "task.test_size=15",
-    "prompt.train_size=10", "prompt.val_size=12", "prompt.num_candidates=4",
+    "task.train_size=30", "task.dev_size=10", "task.test_size=10",
+    "prompt.train_size=10", "prompt.val_size=8", "prompt.num_candidates=3",
     "inference.max_tokens=80", "inference.cpus_per_replica=1", "train.cpus_per_worker=1",
     # A few traces only: small batches and a larger step so 2 epochs visibly move the weights.
     "train.epochs=2", "train.learning_rate=5e-4", "train.batch_size=2", "train.metric_threshold=0",
@@ -35,8 +35,8 @@ def finished_run(ray_cluster, tmp_path_factory):
 def test_every_step_scored_and_test_once(finished_run):
     config, results = finished_run
     assert [s["strategy"] for s in results["steps"]] == ["vanilla", "Π", "Π→Θ", "Π→Θ→Π"]
-    assert all(s["dev_n"] == 15 for s in results["steps"])
-    assert results["test"]["n"] == 15 and results["test"]["step"] == 3
+    assert all(s["dev_n"] == 10 for s in results["steps"])
+    assert results["test"]["n"] == 10 and results["test"]["step"] == 3
     assert (config.run_dir / "scores.png").stat().st_size > 0
 
 
