@@ -5,7 +5,9 @@ the last user message and the adapter name, so tests can check routing,
 batching and adapter versioning without weights. A last message starting with
 `fake-sleep:<seconds>` is answered that much later (tests of busy and hung replicas).
 An adapter folder holding a file `fake-fail-once` fails to load on the one replica that
-claims (deletes) that file first (tests of a version that loads on some replicas only).
+claims (deletes) that file first (tests of a version that loads on some replicas only); a file
+`fake-hang-once` holding a number of seconds makes the one replica that claims it load that much later
+(tests of a replica that does not answer a load in time).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from bt_ray.inference.engine import GenerationRequest, GenerationResult
 
 Responder = Callable[[GenerationRequest], str]
 FAIL_ONCE = "fake-fail-once"
+HANG_ONCE = "fake-hang-once"
 
 
 def echo_responder(request: GenerationRequest) -> str:
@@ -52,6 +55,14 @@ class FakeEngine:
         return GenerationResult(request.request_id, text, prompt_tokens, len(text.split()), "stop", request.adapter)
 
     async def load_adapter(self, name: str, path: str) -> None:
+        hang, claimed = os.path.join(path, HANG_ONCE), os.path.join(path, f"{HANG_ONCE}.{os.getpid()}")
+        try:
+            os.rename(hang, claimed)  # atomic: one replica claims it
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        else:
+            with open(claimed) as f:
+                await asyncio.sleep(float(f.read()))
         try:
             os.unlink(os.path.join(path, FAIL_ONCE))
         except (FileNotFoundError, NotADirectoryError):

@@ -7,8 +7,10 @@ the base model is always available as version None.
 A replica that dies (its actor process is gone) is taken out of the router at once,
 its requests are resent to live replicas (`inference.request_retries`), and a new
 actor takes its place in the background with every adapter version loaded before it
-gets traffic (`inference.replica_restarts`). Any other failure is the request's own
-and is raised, naming the replica and the request.
+gets traffic (`inference.replica_restarts`). A replica that does not answer an adapter
+load, unload, sleep or wake in time is killed and replaced the same way (and the call
+fails). Any other failure is the request's own and is raised, naming the replica and
+the request.
 """
 
 from __future__ import annotations
@@ -91,12 +93,14 @@ class InferencePool:
         self.router: Router | None = None
         self.group = None  # the replicas' placement group
         self.asleep = False
+        self._start_timeout_s = 600.0  # an engine's start, first or as a replacement (start())
 
     # ------------------------------------------------------------ lifecycle
 
     def start(self, timeout_s: float = 600.0) -> None:
         """Place the replicas (placement.timeout_s), then wait up to `timeout_s` for their engines to load."""
         inf = self.config.inference
+        self._start_timeout_s = timeout_s
         bundles = placement.replica_bundles(self.config)
         self.group = placement.reserve(bundles, f"{self.run_name}/replicas", self.config.placement.timeout_s,
                                        f"{inf.replicas} inference replica(s) (placement.mode="
@@ -182,23 +186,32 @@ class InferencePool:
             self._changed.notify_all()
 
     def _on_every_replica(self, what: str, call, error: type[Exception] = EngineError, undo=None) -> int:
-        """`call(actor)` on every live replica, waiting for all. A replica that died is replaced (its
-        replacement joins with every adapter version, asleep if the pool is) instead of failing the call.
-        Any other failure raises `error` naming each replica that failed and why, once all have answered;
-        with `undo(actor)`, the replicas where the call succeeded are first put back (an adapter loaded on
-        some replicas only is unloaded again). Callers hold `_adapters_lock`."""
+        """`call(actor)` on every live replica, waiting for all (inference.request_timeout_s in all). A replica
+        that died is replaced (its replacement joins with every adapter version, asleep if the pool is) instead
+        of failing the call. One that gives no answer in time fails the call and is killed and replaced too:
+        its state is unknown (a late load would leave a version there). Any failure raises `error` naming each
+        replica that failed and why, once all have answered; with `undo(actor)`, the replicas where the call
+        succeeded are first put back (an adapter loaded on some replicas only is unloaded again). Callers hold
+        `_adapters_lock`."""
         import ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import GetTimeoutError, RayActorError
 
+        timeout = self.config.inference.request_timeout_s
         with self._lock:
             refs = {rid: (actor, call(actor)) for rid, actor in self.replicas.items()}
+        if refs:
+            ray.wait([ref for _, ref in refs.values()], num_returns=len(refs), timeout=timeout)
         succeeded, failed = [], {}
         for rid, (actor, ref) in refs.items():
             try:
-                ray.get(ref, timeout=self.config.inference.request_timeout_s)
+                ray.get(ref, timeout=0)
                 succeeded.append((rid, actor))
             except RayActorError as exc:
                 self._replace(rid, actor, exc)
+            except GetTimeoutError:
+                failed[rid] = ReplicaHung(f"no answer in inference.request_timeout_s={timeout:g}s; killed and "
+                                          "replaced, its state being unknown")
+                self._kill_and_replace(rid, actor, failed[rid])
             except Exception as exc:
                 failed[rid] = exc
         if failed:
@@ -365,6 +378,13 @@ class InferencePool:
         threading.Thread(target=self._start_replacement, args=(replica_id,), name=f"replace-{replica_id}",
                          daemon=True).start()
 
+    def _kill_and_replace(self, replica_id: str, actor, cause: BaseException) -> None:
+        """A replica that stopped answering: killed, then replaced as a dead one is."""
+        import ray
+
+        ray.kill(actor, no_restart=True)
+        self._replace(replica_id, actor, cause)
+
     def _start_replacement(self, replica_id: str) -> None:
         import ray
 
@@ -376,16 +396,16 @@ class InferencePool:
                 self._changed.notify_all()
                 return
             self._spawning += 1
+        timeout, actor = self.config.inference.request_timeout_s, None
         try:
             index = next(self._slots)
             actor = self._spawn(replica_id, index)
-            placement.wait_ready([actor.health.remote()], f"replacement for {replica_id}",
-                                 self.config.inference.request_timeout_s)
+            placement.wait_ready([actor.health.remote()], f"replacement for {replica_id}", self._start_timeout_s)
             with self._adapters_lock:  # every version loaded before it gets traffic
                 for name, path in self.adapters.items():
-                    ray.get(actor.load_adapter.remote(name, path))
+                    ray.get(actor.load_adapter.remote(name, path), timeout=timeout)
                 if self.asleep:  # placement timeshare, during Θ: free the GPU like the others
-                    ray.get(actor.sleep.remote())
+                    ray.get(actor.sleep.remote(), timeout=timeout)
                 with self._lock:
                     if self._closed:
                         ray.kill(actor)
@@ -396,6 +416,8 @@ class InferencePool:
                         self.run_name, index, len(self.adapters))
         except Exception as exc:
             logger.exception("could not replace %s", replica_id)
+            if actor is not None:  # it would hold its CPUs/GPU otherwise
+                ray.kill(actor, no_restart=True)
             with self._lock:
                 self._failures.append(f"replacing {replica_id} failed: {type(exc).__name__}: {exc}")
         finally:

@@ -5,6 +5,8 @@ last message and model version), so every answer can be checked exactly; routing
 adapters and threads are real.
 """
 
+import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -80,3 +82,32 @@ def test_a_version_that_fails_on_one_replica_is_on_none_afterwards(ray_cluster, 
         assert [h["adapters"] for h in pool.health()] == [[], []]  # not left on the replica where it loaded
         pool.load_adapter("halfload-v2", str(adapter))  # the next version loads everywhere
         assert [h["adapters"] for h in pool.health()] == [["halfload-v2"], ["halfload-v2"]]
+
+
+def test_a_replica_that_does_not_answer_a_load_in_time_is_replaced_and_the_version_is_on_none(ray_cluster,
+                                                                                               tmp_path):
+    """FakeEngine (test engine): `fake-hang-once` makes one replica load 6 s late, past a 3 s timeout."""
+    from bt_ray.errors import AdapterError
+    from bt_ray.inference.fake import HANG_ONCE
+
+    config = load_config(None, ["inference.engine=fake", "inference.replicas=2", "inference.cpus_per_replica=0.5",
+                                "inference.request_timeout_s=3", f"output_dir={tmp_path}"])
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / HANG_ONCE).write_text("6")
+    with Session(config, "lateload") as session:
+        pool = session.pool
+        with pytest.raises(AdapterError, match=r"1 of 2 replica\(s\) failed to load adapter 'lateload-v1' .*"
+                                               r"replica-\d: ReplicaHung: no answer in inference.request_timeout_s"
+                                               r"=3s; killed and replaced.* \(undone on replica-\d") as failed:
+            pool.load_adapter("lateload-v1", str(adapter))
+        hung = re.search(r"(replica-\d): ReplicaHung", str(failed.value)).group(1)
+        assert [r["replica"] for r in pool.restarts] == [hung]
+        time.sleep(6)  # the late load would have finished by now on the replica that was not killed
+        deadline = time.monotonic() + 60
+        while len(pool.replicas) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert pool.adapters == {}
+        assert [h["adapters"] for h in pool.health()] == [[], []]
+        pool.load_adapter("lateload-v2", str(adapter))  # the replacement serves the next version
+        assert [h["adapters"] for h in pool.health()] == [["lateload-v2"], ["lateload-v2"]]
