@@ -312,11 +312,29 @@ def _fresh_name(config: RunConfig, parsed: list[str], seed: int) -> str:
 
 
 def _settings(optimizer: Teleprompter) -> str:
-    """What a resume must find unchanged behind a key: the optimizer and its keyword settings (PromptOptimizer,
-    LoRAFinetune); for another teleprompter its class (its own settings are not inspected)."""
+    """What a resume must find unchanged behind a key: the optimizer and its keyword settings. For PromptOptimizer
+    and LoRAFinetune, the overrides given; for another teleprompter, its constructor's arguments that it keeps
+    as plain values under the same name (DSPy's `self.max_bootstrapped_demos = max_bootstrapped_demos`), not
+    its metric, LMs or what compile() leaves on it."""
     overrides = getattr(optimizer, "overrides", None)
-    return type(optimizer).__name__ + (f"({', '.join(f'{k}={v!r}' for k, v in sorted(overrides.items()))})"
-                                       if overrides is not None else "")
+    if overrides is None:
+        try:
+            names = inspect.signature(type(optimizer).__init__).parameters
+        except (TypeError, ValueError):
+            names = {}
+        overrides = {name: getattr(optimizer, name) for name in names
+                     if name != "self" and _plain(getattr(optimizer, name, optimizer))}
+    return type(optimizer).__name__ + f"({', '.join(f'{k}={v!r}' for k, v in sorted(overrides.items()))})"
+
+
+def _plain(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False
 
 
 def _sortable(score: float | None) -> float:

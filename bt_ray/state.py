@@ -130,8 +130,9 @@ def _check_same_inputs(saved: dict | None, current: dict | None, run_dir: Path) 
     if not saved or not current:
         return  # (a state.json from before bt-ray recorded its data is not checked)
     before, now = saved.get("optimizers") or {}, current.get("optimizers") or {}  # BetterTogether's keys
+    # (a run from before bt-ray recorded another teleprompter's settings has its class name only)
     changed = [f"{key}: {before[key]} -> {now[key]}" for key in sorted(set(before) & set(now))
-               if before[key] != now[key]]
+               if before[key] not in (now[key], now[key].split("(")[0])]
     if changed:  # (a key a longer strategy adds is new, not changed)
         raise ConfigError(f"--resume: {run_dir} was made with other optimizer settings ({'; '.join(changed)}); "
                           f"resume with the same ones, or start a new run with another name=")

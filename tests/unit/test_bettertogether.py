@@ -281,7 +281,7 @@ def test_a_failing_step_raises_and_resume_continues_after_the_last_finished_one(
     assert optimizer.run_dir.name == "mine"
     # A resume that changes what stands behind a finished key, or the data, is refused.
     changed = bt_ray.BetterTogether(metric=metric, a=bt_ray.PromptOptimizer(num_candidates=9), b=Flaky())
-    with pytest.raises(ConfigError, match=r"other optimizer settings \(a: Same -> PromptOptimizer\(num_candidates=9\)"):
+    with pytest.raises(ConfigError, match=r"other optimizer settings \(a: Same\(\) -> PromptOptimizer\(num_candidates=9\)"):
         changed.compile(IrisProgram(), trainset=TRAIN, valset=VAL, strategy="a -> b")
     with pytest.raises(ConfigError, match="made on other data"):
         optimizer.compile(IrisProgram(), trainset=TRAIN[:-1], valset=VAL, strategy="a -> b")
@@ -297,3 +297,20 @@ def test_pi_selects_on_a_trainset_subsample_unless_given_a_valset_for_its_key(se
     with pytest.raises(ConfigError, match="which has 7"):  # the key's own trainset is the one Π gets
         optimizer.compile(IrisProgram(), trainset=TRAIN, valset=VAL, strategy="p",
                           optimizer_compile_args={"p": {"valset": VAL[:5], "trainset": TRAIN[:7]}})
+
+
+def test_resume_sees_a_dspy_teleprompters_changed_settings_but_not_what_its_compile_left(session):
+    """A DSPy teleprompter's constructor settings stand behind its key; its metric and compile() state do not."""
+    session.config.name = "fs-run"
+    fs = dspy.BootstrapFewShot(metric=metric, max_bootstrapped_demos=2, max_labeled_demos=2)
+    bt_ray.BetterTogether(metric=metric, fs=fs).compile(IrisProgram(), trainset=TRAIN, valset=VAL, strategy="fs")
+    session.resume = True
+    again = bt_ray.BetterTogether(metric=metric, fs=fs)  # the same instance, compiled once already
+    again.compile(IrisProgram(), trainset=TRAIN, valset=VAL, strategy="fs")
+    fresh = dspy.BootstrapFewShot(metric=lambda *a, **k: True, max_bootstrapped_demos=2, max_labeled_demos=2)
+    bt_ray.BetterTogether(metric=metric, fs=fresh).compile(IrisProgram(), trainset=TRAIN, valset=VAL, strategy="fs")
+    more = dspy.BootstrapFewShot(metric=metric, max_bootstrapped_demos=3, max_labeled_demos=2)
+    with pytest.raises(ConfigError, match=r"fs: BootstrapFewShot\(.*max_bootstrapped_demos=2.* -> "
+                                          r"BootstrapFewShot\(.*max_bootstrapped_demos=3"):
+        bt_ray.BetterTogether(metric=metric, fs=more).compile(IrisProgram(), trainset=TRAIN, valset=VAL,
+                                                              strategy="fs")
