@@ -7,7 +7,8 @@ batching and adapter versioning without weights. A last message starting with
 An adapter folder holding a file `fake-fail-once` fails to load on the one replica that
 claims (deletes) that file first (tests of a version that loads on some replicas only); a file
 `fake-hang-once` holding a number of seconds makes the one replica that claims it load that much later
-(tests of a replica that does not answer a load in time).
+(tests of a replica that does not answer a load in time). A file `fake-fail-wake-once` in the model
+directory fails wake() on the one replica that claims it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from bt_ray.inference.engine import GenerationRequest, GenerationResult
 Responder = Callable[[GenerationRequest], str]
 FAIL_ONCE = "fake-fail-once"
 HANG_ONCE = "fake-hang-once"
+FAIL_WAKE_ONCE = "fake-fail-wake-once"
 
 
 def echo_responder(request: GenerationRequest) -> str:
@@ -34,6 +36,7 @@ def echo_responder(request: GenerationRequest) -> str:
 class FakeEngine:
     def __init__(self, model_dir: str = "", config: Any = None, dtype: str = "auto",
                  responder: Responder | None = None, delay_s: float = 0.0):
+        self.model_dir = model_dir
         self.responder = responder or echo_responder
         self.delay_s = delay_s
         self.adapters: dict[str, str] = {}
@@ -77,7 +80,12 @@ class FakeEngine:
         self.asleep = True
 
     async def wake(self) -> None:
-        self.asleep = False
+        try:
+            os.unlink(os.path.join(self.model_dir, FAIL_WAKE_ONCE))
+        except (FileNotFoundError, NotADirectoryError):
+            self.asleep = False
+        else:
+            raise RuntimeError(f"fake engine: {FAIL_WAKE_ONCE} in {self.model_dir}")
 
     async def health(self) -> dict[str, Any]:
         return {"engine": "fake", "adapters": sorted(self.adapters), "served": self.served, "asleep": self.asleep}

@@ -178,21 +178,27 @@ class InferencePool:
             self.asleep = True
 
     def wake(self) -> None:
-        with self._adapters_lock:
-            self._on_every_replica("wake", lambda actor: actor.wake.remote())
+        """Every replica takes its GPU memory back. One that fails to wake (or gives no answer) is killed and
+        replaced, not an error: the others serve meanwhile, and its replacement starts awake with every
+        adapter version (or is named in the pool's failures if it cannot start either)."""
+        try:
+            with self._adapters_lock:
+                self._on_every_replica("wake", lambda actor: actor.wake.remote(), replace_failed=True)
+        finally:
             self.asleep = False
-        with self._lock:
-            self._engines_may_start = True
-            self._changed.notify_all()
+            with self._lock:
+                self._engines_may_start = True
+                self._changed.notify_all()
 
-    def _on_every_replica(self, what: str, call, error: type[Exception] = EngineError, undo=None) -> int:
+    def _on_every_replica(self, what: str, call, error: type[Exception] = EngineError, undo=None,
+                          replace_failed: bool = False) -> int:
         """`call(actor)` on every live replica, waiting for all (inference.request_timeout_s in all). A replica
         that died is replaced (its replacement joins with every adapter version, asleep if the pool is) instead
         of failing the call. One that gives no answer in time fails the call and is killed and replaced too:
         its state is unknown (a late load would leave a version there). Any failure raises `error` naming each
         replica that failed and why, once all have answered; with `undo(actor)`, the replicas where the call
         succeeded are first put back (an adapter loaded on some replicas only is unloaded again). Callers hold
-        `_adapters_lock`."""
+        `_adapters_lock`. With `replace_failed`, a replica that fails is killed and replaced instead (logged)."""
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError
 
@@ -208,12 +214,17 @@ class InferencePool:
                 succeeded.append((rid, actor))
             except RayActorError as exc:
                 self._replace(rid, actor, exc)
-            except GetTimeoutError:
-                failed[rid] = ReplicaHung(f"no answer in inference.request_timeout_s={timeout:g}s; killed and "
-                                          "replaced, its state being unknown")
-                self._kill_and_replace(rid, actor, failed[rid])
             except Exception as exc:
-                failed[rid] = exc
+                hung = isinstance(exc, GetTimeoutError)
+                if hung:
+                    exc = ReplicaHung(f"no answer in inference.request_timeout_s={timeout:g}s; killed and replaced, "
+                                      "its state being unknown")
+                if hung or replace_failed:
+                    self._kill_and_replace(rid, actor, exc)
+                if replace_failed:
+                    logger.error("%s failed to %s (%s); replaced", rid, what, _cause(exc))
+                else:
+                    failed[rid] = exc
         if failed:
             why = "; ".join(f"{rid}: {_cause(exc)}" for rid, exc in failed.items())
             undone = self._undo(succeeded, undo) if undo is not None and succeeded else ""

@@ -76,3 +76,27 @@ def test_a_replica_lost_while_the_pool_sleeps_is_replaced_only_after_wake(ray_cl
         assert health["replica-0"]["asleep"] is False and "gate-v1" in health["replica-0"]["adapters"]
     finally:
         pool.shutdown()
+
+
+def test_a_replica_that_fails_to_wake_is_replaced_and_the_pool_serves(ray_cluster, tmp_path):
+    """FakeEngine (test engine): `fake-fail-wake-once` in its model dir fails wake() on exactly one replica."""
+    from bt_ray.inference.fake import FAIL_WAKE_ONCE
+
+    config = load_config(None, ["inference.engine=fake", "inference.cpus_per_replica=0.25", "inference.replicas=2",
+                                f"output_dir={tmp_path}", "placement.timeout_s=30"])
+    pool = InferencePool(config, str(tmp_path), "wakefail")
+    pool.start()
+    try:
+        pool.load_adapter("wakefail-v1", str(tmp_path))
+        pool.sleep()
+        (tmp_path / FAIL_WAKE_ONCE).touch()
+        pool.wake()  # not an error: the replica that stayed asleep is replaced
+        assert len(pool.restarts) == 1 and FAIL_WAKE_ONCE in pool.restarts[0]["cause"]
+        request = GenerationRequest(({"role": "user", "content": "hi"},), adapter="wakefail-v1")
+        assert pool.generate(request).text  # the replica that woke serves meanwhile
+        deadline = time.monotonic() + 60
+        while len(pool.replicas) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert [(h["asleep"], h["adapters"]) for h in pool.health()] == [(False, ["wakefail-v1"])] * 2
+    finally:
+        pool.shutdown()
