@@ -101,9 +101,12 @@ class InferenceConfig:
                            "reuses the calls it finished; false = memory only, about half the driver's "
                            "CPU per call (for replicas that answer hundreds of calls/s)")
     request_timeout_s: float = opt(600.0, "a request not answered in this time fails, naming the replica, "
-                                              "unless that replica is still making progress (a long queue)")
+                                              "unless that replica is still making progress (a long queue); a "
+                                              "replica that does not answer an adapter load, sleep or wake in "
+                                              "this time is replaced")
     request_retries: int = opt(2, "times a request whose replica died is resent to a live replica")
-    replica_restarts: int = opt(3, "dead replicas the pool replaces in one run before it gives up")
+    replica_restarts: int = opt(3, "dead, hung or unwakeable replicas the pool replaces in one run before it "
+                                   "gives up")
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
