@@ -58,20 +58,12 @@ class FakeEngine:
         return GenerationResult(request.request_id, text, prompt_tokens, len(text.split()), "stop", request.adapter)
 
     async def load_adapter(self, name: str, path: str) -> None:
-        hang, claimed = os.path.join(path, HANG_ONCE), os.path.join(path, f"{HANG_ONCE}.{os.getpid()}")
-        try:
-            os.rename(hang, claimed)  # atomic: one replica claims it
-        except (FileNotFoundError, NotADirectoryError):
-            pass
-        else:
-            with open(claimed) as f:
-                await asyncio.sleep(float(f.read()))
-        try:
-            os.unlink(os.path.join(path, FAIL_ONCE))
-        except (FileNotFoundError, NotADirectoryError):
-            self.adapters[name] = path
-        else:
+        delay = _claim(os.path.join(path, HANG_ONCE))
+        if delay is not None:
+            await asyncio.sleep(float(delay))
+        if _claim(os.path.join(path, FAIL_ONCE)) is not None:
             raise RuntimeError(f"fake engine: {FAIL_ONCE} in {path}")
+        self.adapters[name] = path
 
     async def unload_adapter(self, name: str) -> None:
         self.adapters.pop(name, None)
@@ -80,12 +72,23 @@ class FakeEngine:
         self.asleep = True
 
     async def wake(self) -> None:
-        try:
-            os.unlink(os.path.join(self.model_dir, FAIL_WAKE_ONCE))
-        except (FileNotFoundError, NotADirectoryError):
-            self.asleep = False
-        else:
+        if _claim(os.path.join(self.model_dir, FAIL_WAKE_ONCE)) is not None:
             raise RuntimeError(f"fake engine: {FAIL_WAKE_ONCE} in {self.model_dir}")
+        self.asleep = False
 
     async def health(self) -> dict[str, Any]:
         return {"engine": "fake", "adapters": sorted(self.adapters), "served": self.served, "asleep": self.asleep}
+
+
+def _claim(path: str) -> str | None:
+    """The text of the file at `path` if this process took it (an atomic rename, so exactly one replica
+    does), else None. The file is gone afterwards."""
+    claimed = f"{path}.{os.getpid()}"
+    try:
+        os.rename(path, claimed)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    with open(claimed) as f:
+        text = f.read()
+    os.unlink(claimed)
+    return text

@@ -199,26 +199,23 @@ class InferencePool:
         replica that failed and why, once all have answered; with `undo(actor)`, the replicas where the call
         succeeded are first put back (an adapter loaded on some replicas only is unloaded again). Callers hold
         `_adapters_lock`. With `replace_failed`, a replica that fails is killed and replaced instead (logged)."""
-        import ray
         from ray.exceptions import GetTimeoutError, RayActorError
 
-        timeout = self.config.inference.request_timeout_s
         with self._lock:
             refs = {rid: (actor, call(actor)) for rid, actor in self.replicas.items()}
-        if refs:
-            ray.wait([ref for _, ref in refs.values()], num_returns=len(refs), timeout=timeout)
         succeeded, failed = [], {}
-        for rid, (actor, ref) in refs.items():
-            try:
-                ray.get(ref, timeout=0)
+        for rid, exc in self._answers(refs).items():
+            actor = refs[rid][0]
+            if exc is None:
                 succeeded.append((rid, actor))
-            except RayActorError as exc:
+            elif isinstance(exc, RayActorError):
                 self._replace(rid, actor, exc)
-            except Exception as exc:
+            else:
                 hung = isinstance(exc, GetTimeoutError)
                 if hung:
-                    exc = ReplicaHung(f"no answer in inference.request_timeout_s={timeout:g}s; killed and replaced, "
-                                      "its state being unknown")
+                    exc = ReplicaHung(f"no answer in inference.request_timeout_s="
+                                      f"{self.config.inference.request_timeout_s:g}s; killed and replaced, its "
+                                      "state being unknown")
                 if hung or replace_failed:
                     self._kill_and_replace(rid, actor, exc)
                 if replace_failed:
@@ -235,20 +232,32 @@ class InferencePool:
 
     def _undo(self, done: list[tuple[str, object]], undo) -> str:
         """Put back the replicas where a call succeeded that failed elsewhere; say how that went."""
-        import ray
-
-        refs = [(rid, undo(actor)) for rid, actor in done]
         left = []
-        for rid, ref in refs:
-            try:
-                ray.get(ref, timeout=self.config.inference.request_timeout_s)
-            except Exception as exc:  # reported with the error being raised, not instead of it
+        for rid, exc in self._answers({rid: (actor, undo(actor)) for rid, actor in done}).items():
+            if exc is not None:  # reported with the error being raised, not instead of it
                 logger.error("%s could not be put back: %s", rid, _cause(exc))
                 left.append(rid)
         names = ", ".join(rid for rid, _ in done)
         return (f" (undone on {names}, where it had succeeded)" if not left else
                 f" (undone on {len(done) - len(left)} of {len(done)} replica(s); {', '.join(left)} could not be "
                 "put back, see the log)")
+
+    def _answers(self, refs: dict[str, tuple[object, object]]) -> dict[str, BaseException | None]:
+        """Each replica's outcome of one call (replica id -> (actor, ref)): None when it succeeded, else its
+        error, GetTimeoutError for no answer. All share one deadline, inference.request_timeout_s."""
+        import ray
+
+        if refs:
+            ray.wait([ref for _, ref in refs.values()], num_returns=len(refs),
+                     timeout=self.config.inference.request_timeout_s)
+        outcomes = {}
+        for rid, (_, ref) in refs.items():
+            try:
+                ray.get(ref, timeout=0)
+                outcomes[rid] = None
+            except Exception as exc:
+                outcomes[rid] = exc
+        return outcomes
 
     # ------------------------------------------------------------ calls
 
