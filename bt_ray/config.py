@@ -105,8 +105,8 @@ class InferenceConfig:
                                               "replica that does not answer an adapter load, sleep or wake in "
                                               "this time is replaced")
     request_retries: int = opt(2, "times a request whose replica died is resent to a live replica")
-    replica_restarts: int = opt(3, "dead, hung or unwakeable replicas the pool replaces in one run before it "
-                                   "gives up")
+    replica_restarts: int = opt(3, "dead, hung or unwakeable replicas (and ones a failed adapter version could "
+                                   "not be unloaded from) the pool replaces in one run before it gives up")
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 

@@ -7,8 +7,9 @@ batching and adapter versioning without weights. A last message starting with
 An adapter folder holding a file `fake-fail-once` fails to load on the one replica that
 claims (deletes) that file first (tests of a version that loads on some replicas only); a file
 `fake-hang-once` holding a number of seconds makes the one replica that claims it load that much later
-(tests of a replica that does not answer a load in time). A file `fake-fail-wake-once` in the model
-directory fails wake() on the one replica that claims it.
+(tests of a replica that does not answer a load in time); a file `fake-fail-unload-once` fails the unload of
+that folder's version on the one replica that claims it. A file `fake-fail-wake-once` in the model directory
+fails wake() on the one replica that claims it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from bt_ray.inference.engine import GenerationRequest, GenerationResult
 Responder = Callable[[GenerationRequest], str]
 FAIL_ONCE = "fake-fail-once"
 HANG_ONCE = "fake-hang-once"
+FAIL_UNLOAD_ONCE = "fake-fail-unload-once"
 FAIL_WAKE_ONCE = "fake-fail-wake-once"
 
 
@@ -66,6 +68,8 @@ class FakeEngine:
         self.adapters[name] = path
 
     async def unload_adapter(self, name: str) -> None:
+        if name in self.adapters and _claim(os.path.join(self.adapters[name], FAIL_UNLOAD_ONCE)) is not None:
+            raise RuntimeError(f"fake engine: {FAIL_UNLOAD_ONCE} in {self.adapters[name]}")
         self.adapters.pop(name, None)
 
     async def sleep(self) -> None:

@@ -197,8 +197,9 @@ class InferencePool:
         of failing the call. One that gives no answer in time fails the call and is killed and replaced too:
         its state is unknown (a late load would leave a version there). Any failure raises `error` naming each
         replica that failed and why, once all have answered; with `undo(actor)`, the replicas where the call
-        succeeded are first put back (an adapter loaded on some replicas only is unloaded again). Callers hold
-        `_adapters_lock`. With `replace_failed`, a replica that fails is killed and replaced instead (logged)."""
+        succeeded are first put back (an adapter loaded on some replicas only is unloaded again; a replica where
+        that fails is killed and replaced). Callers hold `_adapters_lock`. With `replace_failed`, a replica that
+        fails is killed and replaced instead (logged)."""
         from ray.exceptions import GetTimeoutError, RayActorError
 
         with self._lock:
@@ -231,16 +232,26 @@ class InferencePool:
         return len(refs)
 
     def _undo(self, done: list[tuple[str, object]], undo) -> str:
-        """Put back the replicas where a call succeeded that failed elsewhere; say how that went."""
-        left = []
+        """Put back the replicas where a call succeeded that failed elsewhere; say how that went. One that cannot
+        be put back (fails or gives no answer) is killed and replaced: the replacement loads only the versions
+        the pool holds, so a failed version is left on no replica."""
+        from ray.exceptions import RayActorError
+
+        actors, left = dict(done), []
         for rid, exc in self._answers({rid: (actor, undo(actor)) for rid, actor in done}).items():
-            if exc is not None:  # reported with the error being raised, not instead of it
-                logger.error("%s could not be put back: %s", rid, _cause(exc))
-                left.append(rid)
+            if exc is None:
+                continue
+            # reported with the error being raised, not instead of it
+            logger.error("%s could not be put back (%s); killed and replaced", rid, _cause(exc))
+            if isinstance(exc, RayActorError):
+                self._replace(rid, actors[rid], exc)
+            else:
+                self._kill_and_replace(rid, actors[rid], exc)
+            left.append(rid)
         names = ", ".join(rid for rid, _ in done)
         return (f" (undone on {names}, where it had succeeded)" if not left else
-                f" (undone on {len(done) - len(left)} of {len(done)} replica(s); {', '.join(left)} could not be "
-                "put back, see the log)")
+                f" (undone on {len(done) - len(left)} of {len(done)} replica(s) where it had succeeded; "
+                f"{', '.join(left)} could not be put back and was killed and replaced, see the log)")
 
     def _answers(self, refs: dict[str, tuple[object, object]]) -> dict[str, BaseException | None]:
         """Each replica's outcome of one call (replica id -> (actor, ref)): None when it succeeded, else its

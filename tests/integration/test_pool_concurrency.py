@@ -111,3 +111,33 @@ def test_a_replica_that_does_not_answer_a_load_in_time_is_replaced_and_the_versi
         assert [h["adapters"] for h in pool.health()] == [[], []]
         pool.load_adapter("lateload-v2", str(adapter))  # the replacement serves the next version
         assert [h["adapters"] for h in pool.health()] == [["lateload-v2"], ["lateload-v2"]]
+
+
+def test_a_replica_where_a_failed_version_cannot_be_unloaded_is_replaced(ray_cluster, tmp_path):
+    """FakeEngine (test engine): `fake-fail-once` fails the load on one replica, `fake-fail-unload-once` then
+    fails its undo on the other: that one is killed and replaced, and the version is left on none."""
+    from bt_ray.errors import AdapterError
+    from bt_ray.inference.fake import FAIL_ONCE, FAIL_UNLOAD_ONCE
+
+    config = load_config(None, ["inference.engine=fake", "inference.replicas=2", "inference.cpus_per_replica=0.5",
+                                f"output_dir={tmp_path}"])
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / FAIL_ONCE).touch()
+    (adapter / FAIL_UNLOAD_ONCE).touch()
+    with Session(config, "stuckload") as session:
+        pool = session.pool
+        with pytest.raises(AdapterError, match=r"1 of 2 replica\(s\) failed to load adapter 'stuckload-v1' .*"
+                                               r"\(undone on 0 of 1 replica\(s\) where it had succeeded; "
+                                               r"replica-\d could not be put back and was killed and "
+                                               r"replaced") as failed:
+            pool.load_adapter("stuckload-v1", str(adapter))
+        stuck = re.search(r"(replica-\d) could not be put back", str(failed.value)).group(1)
+        assert [r["replica"] for r in pool.restarts] == [stuck]
+        deadline = time.monotonic() + 60
+        while len(pool.replicas) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert pool.adapters == {}
+        assert [h["adapters"] for h in pool.health()] == [[], []]
+        pool.load_adapter("stuckload-v2", str(adapter))
+        assert [h["adapters"] for h in pool.health()] == [["stuckload-v2"], ["stuckload-v2"]]
