@@ -124,7 +124,7 @@ def through_pool(config, model_dir: str, reqs: list[GenerationRequest], concurre
     from bt_ray.inference.placement import connect
     from bt_ray.inference.pool import InferencePool
 
-    connect(None)
+    started = connect(None)
     pool = InferencePool(config, model_dir, "bench")
     start = time.perf_counter()
     pool.start(timeout_s=900)
@@ -138,7 +138,8 @@ def through_pool(config, model_dir: str, reqs: list[GenerationRequest], concurre
         report("lora", lora)
     finally:
         pool.shutdown()
-        ray.shutdown()
+        if started:  # a cluster this joined (RAY_ADDRESS) or a caller's own stays up
+            ray.shutdown()
     return base, lora
 
 

@@ -1,0 +1,37 @@
+"""bench/gpu_serving.py's arms (b) and (c) on CPU, so that a GPU run does not find their bugs first.
+
+The replica runs the FakeEngine (labelled test engine: no model, answers in DSPy's format) instead of
+vLLM; the pool, router, Ray actors, the bench's requests and its rank-32 q,k adapter on Llama-3-8B
+shapes are the real ones. Arm (a), raw vLLM, needs vLLM and a GPU (tests/gpu, scripts/gpu_check.sh).
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from bt_ray.config import load_config
+
+pytestmark = pytest.mark.integration
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+
+def test_arms_b_and_c_run_through_the_pool_and_load_the_bench_adapter(ray_cluster, tmp_path):
+    import gpu_serving
+
+    from bt_ray.synthetic import random_lora, read_config
+
+    adapter = random_lora(tmp_path / "lora-r32-qk", read_config(gpu_serving.ARCH), rank=32)
+    config = load_config(None, ["inference.engine=fake", "inference.cpus_per_replica=0.5",
+                                f"output_dir={tmp_path}"])
+    arms = []
+    base, lora = gpu_serving.through_pool(config, str(tmp_path), gpu_serving.requests(12), concurrency=4,
+                                          warmup=2, adapter_dir=str(adapter),
+                                          on_arm=lambda name, result: arms.append((name, result)))
+    assert [name for name, _ in arms] == ["bt_ray", "lora"]
+    assert arms[0][1] is base and arms[1][1] is lora
+    assert base["engine_start_s"] >= 0 and "engine_start_s" not in lora
+    for arm in (base, lora):  # the FakeEngine counts words: every measured request answered
+        assert arm["generated_tokens"] > 0 and arm["tokens_per_s"] > 0
+    assert ray_cluster.is_initialized()  # the caller's cluster stays up
