@@ -233,25 +233,18 @@ class InferencePool:
 
     def _undo(self, done: list[tuple[str, object]], undo) -> str:
         """Put back the replicas where a call succeeded that failed elsewhere; say how that went. One that cannot
-        be put back (fails or gives no answer) is killed and replaced: the replacement loads only the versions
-        the pool holds, so a failed version is left on no replica."""
-        from ray.exceptions import RayActorError
-
+        be put back (fails, gives no answer or died) is killed and replaced: the replacement loads only the
+        versions the pool holds, so a failed version is left on no replica."""
         actors, left = dict(done), []
         for rid, exc in self._answers({rid: (actor, undo(actor)) for rid, actor in done}).items():
-            if exc is None:
-                continue
-            # reported with the error being raised, not instead of it
-            logger.error("%s could not be put back (%s); killed and replaced", rid, _cause(exc))
-            if isinstance(exc, RayActorError):
-                self._replace(rid, actors[rid], exc)
-            else:
+            if exc is not None:  # reported with the error being raised, not instead of it
+                logger.error("%s could not be put back (%s); killed and replaced", rid, _cause(exc))
                 self._kill_and_replace(rid, actors[rid], exc)
-            left.append(rid)
+                left.append(rid)
         names = ", ".join(rid for rid, _ in done)
         return (f" (undone on {names}, where it had succeeded)" if not left else
                 f" (undone on {len(done) - len(left)} of {len(done)} replica(s) where it had succeeded; "
-                f"{', '.join(left)} could not be put back and was killed and replaced, see the log)")
+                f"{', '.join(left)} could not be put back: killed and replaced, see the log)")
 
     def _answers(self, refs: dict[str, tuple[object, object]]) -> dict[str, BaseException | None]:
         """Each replica's outcome of one call (replica id -> (actor, ref)): None when it succeeded, else its

@@ -129,7 +129,7 @@ def test_a_replica_where_a_failed_version_cannot_be_unloaded_is_replaced(ray_clu
         pool = session.pool
         with pytest.raises(AdapterError, match=r"1 of 2 replica\(s\) failed to load adapter 'stuckload-v1' .*"
                                                r"\(undone on 0 of 1 replica\(s\) where it had succeeded; "
-                                               r"replica-\d could not be put back and was killed and "
+                                               r"replica-\d could not be put back: killed and "
                                                r"replaced") as failed:
             pool.load_adapter("stuckload-v1", str(adapter))
         stuck = re.search(r"(replica-\d) could not be put back", str(failed.value)).group(1)
