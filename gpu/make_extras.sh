@@ -7,17 +7,24 @@
 # Wheels for cp312 manylinux x86_64 are downloaded as published (--no-deps, versions pinned in
 # extras.txt, sha256 recorded in MANIFEST). DeepSpeed publishes only a source archive: it is built
 # here into a pure-Python wheel with DS_BUILD_OPS=0 (no CUDA ops; bt-ray passes torch's AdamW, so
-# none are needed), which needs torch in this machine's Python. Set PYTHON=... to use another one.
+# none are needed), which needs torch and setuptools >= 70.1 (or `wheel`) in the Python that builds it:
+# the repo's .venv (scripts/install.sh) when there is one, else python3; PYTHON=... picks another.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-PY=${PYTHON:-python3}
+VENV_PY="$HERE/../.venv/bin/python"
+PY=${PYTHON:-$([ -x "$VENV_PY" ] && echo "$VENV_PY" || echo python3)}
 die() { echo "make_extras: error: $*" >&2; exit 1; }
+# DeepSpeed's build needs both; checked before any download
+"$PY" -c "import torch" 2>/dev/null ||
+  die "$PY has no torch (DeepSpeed's build imports it): run scripts/install.sh (makes .venv) or set PYTHON="
+"$PY" -c "import setuptools.command.bdist_wheel" 2>/dev/null || "$PY" -c "import wheel" 2>/dev/null ||
+  die "$PY cannot build wheels (setuptools < 70.1 and no wheel package): $PY -m pip install wheel, or set PYTHON="
 OUTDIR="" PARTS_MIB=60
 while [ $# -gt 0 ]; do
   case "$1" in
     --parts-mib) PARTS_MIB=$2; shift 2 ;;
-    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) die "unknown option $1" ;;
     *) OUTDIR=$1; shift ;;
   esac

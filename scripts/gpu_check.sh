@@ -17,7 +17,7 @@
 #   bash gpu/make_wheelset.sh .whl/stack     # vLLM 0.26.0, Ray 2.60.0, DSPy 3.4.1 (see gpu/README.md)
 #   bash gpu/make_extras.sh .whl/extras      # pytest, DeepSpeed, the shipped model, ... (gpu/extras.txt)
 # and copy the partN folders under .whl/stack/ and .whl/extras/ on the node (.whl/ is git-ignored). Every
-# .whl/extras* folder with a MANIFEST is an extra set (so the model can come as its own set, extras-model/).
+# .whl/extras* folder with a MANIFEST in it or in its parts is an extra set (another set can come as extras-more/).
 # On a machine reached one short command at a time, run it in the background and collect with
 # gpu/collect.sh (gpu/README.md, "A machine lent for a few minutes").
 # Results: gpu_check.log, gpu.csv, preflight.json, pytest-gpu.xml/.txt, bench_serving.json,
@@ -78,7 +78,7 @@ elif bash gpu/install_wheelset.sh "$WHEELS/stack" --target "$SITE" --python "$PY
 else
   record install_stack "failed: gpu/install_wheelset.sh $WHEELS/stack"; finish
 fi
-# Extra sets: every $WHEELS/extras* folder with a MANIFEST in it or in its parts (extras/, extras-model/).
+# Extra sets: every $WHEELS/extras* folder with a MANIFEST in it or in its parts (extras/, extras-more/).
 EXTRA_SETS=()
 for d in "$WHEELS"/extras*; do [ -n "$(find "$d" -maxdepth 2 -name MANIFEST)" ] && EXTRA_SETS+=("$d"); done
 if [ ${#EXTRA_SETS[@]} -gt 0 ]; then
