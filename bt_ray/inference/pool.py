@@ -235,11 +235,11 @@ class InferencePool:
         """Put back the replicas where a call succeeded that failed elsewhere; say how that went. One that cannot
         be put back (fails, gives no answer or died) is killed and replaced: the replacement loads only the
         versions the pool holds, so a failed version is left on no replica."""
-        actors, left = dict(done), []
-        for rid, exc in self._answers({rid: (actor, undo(actor)) for rid, actor in done}).items():
+        refs, left = {rid: (actor, undo(actor)) for rid, actor in done}, []
+        for rid, exc in self._answers(refs).items():
             if exc is not None:  # reported with the error being raised, not instead of it
                 logger.error("%s could not be put back (%s); killed and replaced", rid, _cause(exc))
-                self._kill_and_replace(rid, actors[rid], exc)
+                self._kill_and_replace(rid, refs[rid][0], exc)
                 left.append(rid)
         names = ", ".join(rid for rid, _ in done)
         return (f" (undone on {names}, where it had succeeded)" if not left else
