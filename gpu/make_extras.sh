@@ -15,11 +15,6 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 VENV_PY="$HERE/../.venv/bin/python"
 PY=${PYTHON:-$([ -x "$VENV_PY" ] && echo "$VENV_PY" || echo python3)}
 die() { echo "make_extras: error: $*" >&2; exit 1; }
-# DeepSpeed's build needs both; checked before any download
-"$PY" -c "import torch" 2>/dev/null ||
-  die "$PY has no torch (DeepSpeed's build imports it): run scripts/install.sh (makes .venv) or set PYTHON="
-"$PY" -c "import setuptools.command.bdist_wheel" 2>/dev/null || "$PY" -c "import wheel" 2>/dev/null ||
-  die "$PY cannot build wheels (setuptools < 70.1 and no wheel package): $PY -m pip install wheel, or set PYTHON="
 OUTDIR="" PARTS_MIB=60
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -30,6 +25,11 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ -n "$OUTDIR" ] || die "usage: make_extras.sh OUTDIR [--parts-mib 60]"
+# DeepSpeed's build needs both; checked before any download
+"$PY" -c "import torch" 2>/dev/null ||
+  die "$PY has no torch (DeepSpeed's build imports it): run scripts/install.sh (makes .venv) or set PYTHON="
+"$PY" -c "import setuptools.command.bdist_wheel" 2>/dev/null || "$PY" -c "import wheel" 2>/dev/null ||
+  die "$PY cannot build wheels (setuptools < 70.1 and no wheel package): $PY -m pip install wheel, or set PYTHON="
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/extras-build.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$WORK/dl" "$OUTDIR"
