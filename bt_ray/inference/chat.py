@@ -18,6 +18,17 @@ def prompt_ids(tokenizer: Any, messages: Messages) -> list[int]:
     return _as_list(ids)
 
 
+def prompt_ids_batch(tokenizer: Any, conversations: Sequence[Messages]) -> list[list[int]]:
+    """`prompt_ids` of each conversation, in one call: the tokenizer encodes the batch in Rust
+    without holding the GIL (a single encode holds it)."""
+    if not conversations:
+        return []
+    ids = tokenizer.apply_chat_template([list(m) for m in conversations], add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return [list(x.tolist() if hasattr(x, "tolist") else x) for x in ids]
+
+
 def prefix_ids(tokenizer: Any, messages: Messages, full: list[int]) -> list[int]:
     """Ids of the part shared by every call with the same instructions and demos.
 

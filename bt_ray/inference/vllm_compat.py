@@ -4,8 +4,9 @@ Written against vLLM 0.26 (pyproject's `gpu` extra). vLLM is imported when an en
 built, never at import time, so CPU machines run bt-ray without it. What bt-ray sends to
 vLLM is computed by the pure functions of `vllm_args.py`.
 
-- Prompts are rendered by bt-ray (`chat.prompt_ids`, the same tokens the trainer uses) and
-  passed as token ids; vLLM's automatic prefix caching reuses the shared instructions + demos.
+- Prompts are rendered by bt-ray (`chat.prompt_ids`, the same tokens the trainer uses), in batches
+  off the event loop (`PromptRenderer`), and passed as token ids; vLLM's automatic prefix caching
+  reuses the shared instructions + demos.
 - Every adapter version is added under a new name and a new integer id (`AdapterIds`), on
   top of the base model, which keeps serving: `add_lora` does not pause other requests.
 - sleep/wake use vLLM's sleep mode (placement timeshare): level 1 moves the weights (and the
@@ -23,8 +24,8 @@ from typing import Any
 
 from bt_ray.config import InferenceConfig
 from bt_ray.errors import AdapterError, EngineError, RequestError
-from bt_ray.inference.chat import prompt_ids
 from bt_ray.inference.engine import GenerationRequest, GenerationResult
+from bt_ray.inference.renderer import PromptRenderer
 from bt_ray.inference.vllm_args import AdapterIds, check_adapter_fits, engine_kwargs, sampling_kwargs
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class VLLMEngine:
         self.config = config
         self.kwargs = engine_kwargs(config, model_dir, dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(self.kwargs["tokenizer"])
+        self.renderer = PromptRenderer(self.tokenizer)
         self.llm = vllm.AsyncLLM.from_engine_args(vllm.AsyncEngineArgs(**self.kwargs))
         self.ids = AdapterIds()
         self.paths: dict[str, str] = {}
@@ -88,7 +90,7 @@ class VLLMEngine:
         if self.asleep:
             raise EngineError("the vLLM engine is asleep; call wake() before generate()")
         lora = self._lora_request(request.adapter)
-        ids = prompt_ids(self.tokenizer, request.messages)
+        ids = await self.renderer.ids(request.messages)
         params = self._vllm.SamplingParams(**sampling_kwargs(request.sampling), output_kind=self._vllm.FINAL_ONLY)
         request_id = f"{request.request_id or 'req'}-{next(self._request_ids)}"
         final = None
@@ -154,6 +156,7 @@ class VLLMEngine:
     def shutdown(self) -> None:
         """Stop vLLM's engine process and free the GPU (tests and benchmarks start several engines)."""
         self.llm.shutdown()
+        self.renderer.close()
 
     def _lora_request(self, adapter: str | None) -> Any:
         if adapter is None:
