@@ -6,12 +6,14 @@ requests (a 600-token prefix shared by all, as a candidate program's instruction
 then 100 tokens of its own), greedy, 128 new tokens, the same engine arguments
 (bt_ray.inference.vllm_args.engine_kwargs) and --concurrency requests in flight:
 
-  (a) raw     vLLM AsyncLLM in this process, token-id prompts
-  (b) bt-ray  the same through InferencePool -> Router -> ReplicaActor (Ray) -> VLLMEngine
-  (c) lora    (b) with a rank-32 q_proj,k_proj adapter active on every request
+  (a)  raw       vLLM AsyncLLM in this process, token-id prompts rendered before the clock starts
+  (a2) rendered  (a) rendering each prompt as it is sent, with the replica's PromptRenderer
+  (b)  bt-ray    the same through InferencePool -> Router -> ReplicaActor (Ray) -> VLLMEngine
+  (c)  lora      (b) with a rank-32 q_proj,k_proj adapter active on every request
 
 Prints generated tokens/s of each and the ratios b/a and c/b, measured in this run
-(targets from issue 7: b/a >= 0.95, c/b >= 0.70), and each engine's start-up seconds
+(targets from issue 7: b/a >= 0.95, c/b >= 0.70), b/a2 (the actor and router alone: (a2)
+does the replica's rendering in-process) and each engine's start-up seconds
 (engine_start_s: AsyncLLM.from_engine_args for (a), InferencePool.start for (b) and (c)).
 With --json the results file is rewritten as each arm finishes, so a run cut short keeps
 the arms it completed; a ratio is added once both of its arms are in. Not a test: numbers
@@ -44,6 +46,8 @@ from bt_ray.synthetic import random_lora, read_config, words, write_config_only 
 
 ARCH = Path(__file__).resolve().parent / "models" / "llama-3-8b.json"
 SAMPLING = SamplingParams(temperature=0.0, max_tokens=128, stop=())
+RATIOS = {"bt_ray_vs_raw": ("bt_ray", "raw"), "lora_vs_base": ("lora", "bt_ray"),
+          "bt_ray_vs_raw_rendered": ("bt_ray", "raw_rendered"), "raw_rendered_vs_raw": ("raw_rendered", "raw")}
 
 
 def requests(n: int, prefix: int = 600, own: int = 100) -> list[GenerationRequest]:
@@ -68,7 +72,10 @@ def run_config(model_dir: str, concurrency: int, max_model_len: int, eager: bool
 # ---------------------------------------------------------------- (a) raw vLLM
 
 
-def raw_vllm(config, model_dir: str, reqs: list[GenerationRequest], concurrency: int, warmup: int) -> dict:
+def raw_vllm(config, model_dir: str, reqs: list[GenerationRequest], concurrency: int, warmup: int,
+             on_arm: Callable[[str, dict], None] | None = None) -> tuple[dict, dict]:
+    """(a) and (a2) on one engine; (a)'s dict has its start-up seconds. `on_arm("raw" | "raw_rendered",
+    result)` is called as each arm finishes."""
     from bt_ray.inference.vllm_compat import engine_env
 
     engine_env()  # the replica's engine settings (sampler, spawn), before vLLM is imported
@@ -80,6 +87,7 @@ def raw_vllm(config, model_dir: str, reqs: list[GenerationRequest], concurrency:
     from vllm.v1.engine.async_llm import AsyncLLM
 
     from bt_ray.inference.chat import prompt_ids
+    from bt_ray.inference.renderer import PromptRenderer
     from bt_ray.inference.vllm_args import engine_kwargs, sampling_kwargs
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -89,26 +97,37 @@ def raw_vllm(config, model_dir: str, reqs: list[GenerationRequest], concurrency:
     llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(config.inference, model_dir)))
     engine_start_s = time.perf_counter() - start
 
-    async def one(i: int, gate: asyncio.Semaphore) -> int:
+    renderer = PromptRenderer(tokenizer)
+    report = on_arm or (lambda name, result: None)
+
+    async def one(i: int, gate: asyncio.Semaphore, render: bool) -> int:
         async with gate:
+            ids = await renderer.ids(reqs[i].messages) if render else prompts[i]
             final = None
-            async for out in llm.generate({"prompt_token_ids": prompts[i]}, params, f"raw-{i}-{time.time()}"):
+            async for out in llm.generate({"prompt_token_ids": ids}, params, f"raw-{i}-{time.time()}"):
                 final = out
             return len(final.outputs[0].token_ids)
 
-    async def measure(indices) -> tuple[int, float]:
+    async def measure(indices, render: bool = False) -> tuple[int, float]:
         gate = asyncio.Semaphore(concurrency)
         start = time.perf_counter()
-        tokens = await asyncio.gather(*(one(i, gate) for i in indices))
+        tokens = await asyncio.gather(*(one(i, gate, render) for i in indices))
         return sum(tokens), time.perf_counter() - start
 
-    async def main() -> dict:
+    async def main() -> tuple[dict, dict]:
         await measure(range(warmup))  # also computes the shared prefix once, as in the other arms
-        return {**summary(*(await measure(range(len(reqs))))), "engine_start_s": round(engine_start_s, 1)}
+        raw = {**summary(*(await measure(range(len(reqs))))), "engine_start_s": round(engine_start_s, 1)}
+        report("raw", raw)
+        await llm.reset_prefix_cache()  # (a2) starts from what (a) started from: the same requests, uncached
+        await measure(range(warmup), render=True)
+        rendered = summary(*(await measure(range(len(reqs)), render=True)))
+        report("raw_rendered", rendered)
+        return raw, rendered
 
     try:
         return asyncio.run(main())
     finally:
+        renderer.close()
         llm.shutdown()
 
 
@@ -189,24 +208,26 @@ def main() -> None:
     results = {"gpu": torch.cuda.get_device_name(0), "model": "Llama-3-8B shapes, dummy weights, bf16",
                "requests": args.requests, "concurrency": args.concurrency, "prompt_tokens": "600 shared + 100 own",
                "max_tokens": SAMPLING.max_tokens, "eager": args.eager}
-    labels = {"raw": "(a) raw vLLM       ", "bt_ray": "(b) bt-ray replica ", "lora": "(c) + LoRA r32 q,k "}
+    labels = {"raw": "(a)  raw vLLM        ", "raw_rendered": "(a2) + rendering     ",
+              "bt_ray": "(b)  bt-ray replica  ", "lora": "(c)  + LoRA r32 q,k  "}
 
     def record(name: str, result: dict) -> None:
         """Print an arm's result and, with --json, rewrite the file with every arm finished so far."""
         results[name] = result
         print(f"{labels[name]} {result}", flush=True)
-        for ratio, (top, bottom) in {"bt_ray_vs_raw": ("bt_ray", "raw"), "lora_vs_base": ("lora", "bt_ray")}.items():
+        for ratio, (top, bottom) in RATIOS.items():
             if top in results and bottom in results:
                 results[ratio] = round(results[top]["tokens_per_s"] / results[bottom]["tokens_per_s"], 3)
         if args.json:
             write_json(Path(args.json), results)
 
     print(f"{results['gpu']}: {args.requests} requests, {args.concurrency} in flight", flush=True)
-    record("raw", raw_vllm(config, model_dir, reqs, args.concurrency, args.warmup))
+    raw_vllm(config, model_dir, reqs, args.concurrency, args.warmup, on_arm=record)
     wait_for_free_gpu()
     through_pool(config, model_dir, reqs, args.concurrency, args.warmup, adapter_dir, on_arm=record)
     print(f"bt-ray / raw = {results['bt_ray_vs_raw']} (target >= 0.95); "
-          f"LoRA / base = {results['lora_vs_base']} (target >= 0.70)")
+          f"LoRA / base = {results['lora_vs_base']} (target >= 0.70); bt-ray / raw with rendering = "
+          f"{results['bt_ray_vs_raw_rendered']} (the actor and router alone)")
 
 
 def write_json(path: Path, results: dict) -> None:

@@ -1,0 +1,40 @@
+"""bench/gpu_serving.py's arms (a) and (a2) against the FAKE vllm package of test_vllm_engine.py (a
+recorder, no model), so that a GPU run does not find their bugs first: both arms report, in order,
+(a2) starts from an emptied prefix cache and sends the very token ids (a) sends."""
+
+import sys
+from pathlib import Path
+
+from bt_ray.config import load_config
+from bt_ray.inference.chat import prompt_ids
+
+from .test_vllm_engine import fake_vllm  # noqa: F401 (the fixture)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+
+def test_raw_arms_report_in_order_and_send_the_same_prompts(fake_vllm, monkeypatch, tmp_path):  # noqa: F811
+    import gpu_serving
+    from transformers import AutoTokenizer
+
+    from bt_ray.synthetic import read_config, write_config_only
+
+    model_dir = str(write_config_only(tmp_path / "llama-3-8b", read_config(gpu_serving.ARCH)))
+    config = load_config(None, ["inference.vllm.max_lora_rank=32", f"output_dir={tmp_path}"])
+    reqs = gpu_serving.requests(12)
+    engines, arms = [], []
+    monkeypatch.setattr(fake_vllm["vllm.v1.engine.async_llm"].AsyncLLM, "from_engine_args",
+                        classmethod(lambda cls, args: engines.append(cls(args)) or engines[-1]))
+    raw, rendered = gpu_serving.raw_vllm(config, model_dir, reqs, concurrency=4, warmup=2,
+                                         on_arm=lambda name, result: arms.append((name, result)))
+
+    assert arms == [("raw", raw), ("raw_rendered", rendered)]
+    assert raw["engine_start_s"] >= 0 and "engine_start_s" not in rendered
+    assert raw["generated_tokens"] == rendered["generated_tokens"] == 12 * 3  # the fake answers 3 tokens
+    [engine] = engines
+    kinds = [call[0] for call in engine.calls]
+    assert kinds == ["generate"] * 14 + ["reset_prefix_cache"] + ["generate"] * 14 + ["shutdown"]
+    sent = [call[1]["prompt_token_ids"] for call in engine.calls if call[0] == "generate"]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    expected = [prompt_ids(tokenizer, r.messages) for r in reqs]
+    assert sorted(sent[:14]) == sorted(sent[14:]) == sorted(expected[:2] + expected)
