@@ -11,8 +11,9 @@ the same --requests with --concurrency in flight:
 Prints requests/s of each and b/a for each --latency-s. At the latency of the GPU bench's requests
 (64 in flight at about 60 requests/s: about 1 s each), b/a is the share of arm (a)'s throughput the
 path keeps before any GPU work; at 0 s, (b) is the path's ceiling in requests/s. What this leaves
-out: the vLLM replica's prompt rendering (`chat.prompt_ids`, timed separately below) and how the GPU
-shares its host's CPU. Not a test: numbers depend on the machine.
+out: the vLLM replica's prompt rendering (timed separately below: how long a wave of --concurrency
+prompts stalls the replica's event loop, rendered one by one on it or by PromptRenderer) and how the
+GPU shares its host's CPU. Not a test: numbers depend on the machine.
 
     python bench/pool_overhead.py                                   # latencies 1.0 and 0, 64 in flight
     python bench/pool_overhead.py --latency-s 0.5,0 --requests 2048 --concurrency 128
@@ -72,24 +73,59 @@ def through_pool(pool, reqs: list[GenerationRequest], concurrency: int) -> float
     return wall
 
 
-def prompt_cost(n: int = 256) -> tuple[float, int]:
-    """Seconds per request of the vLLM replica's prompt rendering on the GPU bench's requests and tokenizer,
-    and the prompt's tokens."""
+def render_stall(wave: int = 64, waves: int = 8) -> dict[str, tuple[float, float, float]]:
+    """The vLLM replica's prompt rendering on the GPU bench's requests and tokenizer, `wave` requests
+    arriving at once (as when a batch of 64 finishes together), `waves` times, on an event loop with a
+    1 ms heartbeat: per way of rendering, (ms per prompt, the loop's longest stall in ms, ms until the
+    wave's last prompt is ready), medians over the waves. 'one by one' is chat.prompt_ids on the loop
+    (the replica before PromptRenderer); 'PromptRenderer' batches on a worker thread."""
+    import statistics
     from pathlib import Path
 
     from transformers import AutoTokenizer
 
     from bt_ray.inference.chat import prompt_ids
+    from bt_ray.inference.renderer import PromptRenderer
     from bt_ray.synthetic import read_config, write_config_only
 
     arch = read_config(gpu_serving.ARCH)
     tokenizer = AutoTokenizer.from_pretrained(write_config_only(Path(tempfile.mkdtemp()) / "m", arch))
-    reqs = gpu_serving.requests(n)
-    tokens = len(prompt_ids(tokenizer, reqs[0].messages))
-    start = time.perf_counter()
-    for r in reqs:
-        prompt_ids(tokenizer, r.messages)
-    return (time.perf_counter() - start) / n, tokens
+    renderer = PromptRenderer(tokenizer)
+
+    async def one_by_one(messages):
+        return prompt_ids(tokenizer, messages)
+
+    async def measure(render, reqs) -> tuple[float, float]:
+        stall, done = 0.0, False
+
+        async def heartbeat():
+            nonlocal stall
+            while not done:
+                before = time.perf_counter()
+                await asyncio.sleep(0.001)
+                stall = max(stall, time.perf_counter() - before - 0.001)
+
+        beat = asyncio.create_task(heartbeat())
+        await asyncio.sleep(0.01)
+        start = time.perf_counter()
+        await asyncio.gather(*(render(r.messages) for r in reqs))
+        ready = time.perf_counter() - start
+        done = True
+        await beat
+        return stall, ready
+
+    async def main() -> dict[str, tuple[float, float, float]]:
+        results = {}
+        for name, render in (("one by one", one_by_one), ("PromptRenderer", renderer.ids)):
+            runs = [await measure(render, gpu_serving.requests(wave)) for _ in range(waves + 1)][1:]
+            ready = statistics.median(r for _, r in runs)
+            results[name] = (ready / wave * 1e3, statistics.median(s for s, _ in runs) * 1e3, ready * 1e3)
+        return results
+
+    try:
+        return asyncio.run(main())
+    finally:
+        renderer.close()
 
 
 def main() -> None:
@@ -119,9 +155,10 @@ def main() -> None:
             b = args.requests / through_pool(session.pool, reqs, args.concurrency)
             print(f"{latency:9.2f} {a:17.1f} {b:15.1f} {b / a:6.3f}", flush=True)
     ray.shutdown()
-    seconds, tokens = prompt_cost()
-    print(f"prompt rendering in the vLLM replica (chat.prompt_ids, {tokens} tokens): {seconds * 1e3:.2f} ms per "
-          "request, on this CPU")
+    print(f"\nthe vLLM replica's prompt rendering, {args.concurrency} of these prompts arriving at once, on this CPU:")
+    print(f"{'':>15} {'ms/prompt':>9} {'loop stall ms':>13} {'wave ready ms':>13}")
+    for name, (per, stall, ready) in render_stall(args.concurrency).items():
+        print(f"{name:>15} {per:9.2f} {stall:13.1f} {ready:13.1f}")
 
 
 if __name__ == "__main__":
