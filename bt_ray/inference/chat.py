@@ -24,9 +24,9 @@ def prompt_ids_batch(tokenizer: Any, conversations: Sequence[Messages]) -> list[
     if not conversations:
         return []
     ids = tokenizer.apply_chat_template([list(m) for m in conversations], add_generation_prompt=True, tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "keys"):
+    if isinstance(ids, dict) or hasattr(ids, "keys"):  # BatchEncoding in newer transformers
         ids = ids["input_ids"]
-    return [list(x.tolist() if hasattr(x, "tolist") else x) for x in ids]
+    return [_as_list(x) for x in ids]
 
 
 def prefix_ids(tokenizer: Any, messages: Messages, full: list[int]) -> list[int]:

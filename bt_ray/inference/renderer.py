@@ -43,8 +43,12 @@ class PromptRenderer:
                                                      [messages for messages, _ in batch])
             except BaseException as exc:  # cancelled, or the thread is gone: no request is left waiting
                 for _, future in batch + self._pending:
-                    if not future.done():
-                        future.cancel() if isinstance(exc, asyncio.CancelledError) else future.set_exception(exc)
+                    if future.done():
+                        continue
+                    if isinstance(exc, asyncio.CancelledError):
+                        future.cancel()
+                    else:
+                        future.set_exception(exc)
                 self._pending = []
                 raise
             self.batches += 1
