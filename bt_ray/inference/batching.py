@@ -24,6 +24,17 @@ def prefix_group(request: GenerationRequest) -> Hashable:
     return repr([sorted(message.items()) for message in request.messages[:-1]])
 
 
+def settle(future: Any, outcome: Any) -> None:
+    """Resolve a caller's asyncio future with a result or an exception, unless the caller went away.
+    Runs on the future's event loop."""
+    if future.done():
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
 @dataclass
 class Pending:
     """A request waiting for its batch, and the future its caller awaits."""

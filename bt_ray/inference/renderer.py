@@ -13,6 +13,7 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from bt_ray.inference.batching import settle
 from bt_ray.inference.chat import Messages, prompt_ids, prompt_ids_batch
 
 
@@ -53,12 +54,7 @@ class PromptRenderer:
                 raise
             self.batches += 1
             for (_, future), result in zip(batch, results):
-                if future.done():  # its request was cancelled
-                    continue
-                if isinstance(result, Exception):
-                    future.set_exception(result)
-                else:
-                    future.set_result(result)
+                settle(future, result)
 
     def close(self) -> None:
         self._thread.shutdown(wait=False, cancel_futures=True)

@@ -36,7 +36,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bt_ray.config import InferenceConfig
 from bt_ray.errors import AdapterError, BtRayError, ConfigError, EngineError, RequestError
-from bt_ray.inference.batching import Pending, RequestQueue
+from bt_ray.inference.batching import Pending, RequestQueue, settle
 from bt_ray.inference.chat import prefix_ids, prompt_ids
 from bt_ray.inference.engine import GenerationRequest, GenerationResult
 from bt_ray.inference.generation import Batch, Row, compute_prefix
@@ -84,16 +84,6 @@ class Job:
     pending: Pending
     row: Row
     cached: int
-
-
-def _settle(future: asyncio.Future, outcome: GenerationResult | BaseException) -> None:
-    """Runs on the caller's event loop."""
-    if future.done():  # the caller went away
-        return
-    if isinstance(outcome, BaseException):
-        future.set_exception(outcome)
-    else:
-        future.set_result(outcome)
 
 
 _TORCH_THREAD_NAME = "bt-ray-torch"
@@ -354,7 +344,7 @@ class TransformersEngine:
         else:
             c.failed_requests += 1
         try:
-            pending.future.get_loop().call_soon_threadsafe(_settle, pending.future, outcome)
+            pending.future.get_loop().call_soon_threadsafe(settle, pending.future, outcome)
         except RuntimeError:  # the caller's event loop is closed: nobody is waiting
             pass
 
