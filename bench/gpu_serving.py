@@ -13,7 +13,8 @@ then 100 tokens of its own), greedy, 128 new tokens, the same engine arguments
 
 Prints generated tokens/s of each and the ratios b/a and c/b, measured in this run
 (targets from issue 7: b/a >= 0.95, c/b >= 0.70), b/a2 (the actor and router alone: (a2)
-does the replica's rendering in-process) and each engine's start-up seconds
+does the replica's rendering in-process), each arm's request latencies (p50, p90, max seconds
+from being sent to the answer) and each engine's start-up seconds
 (engine_start_s: AsyncLLM.from_engine_args for (a), InferencePool.start for (b) and (c)).
 With --json the results file is rewritten as each arm finishes, so a run cut short keeps
 the arms it completed; a ratio is added once both of its arms are in. Not a test: numbers
@@ -100,19 +101,20 @@ def raw_vllm(config, model_dir: str, reqs: list[GenerationRequest], concurrency:
     renderer = PromptRenderer(tokenizer)
     report = on_arm or (lambda name, result: None)
 
-    async def one(i: int, gate: asyncio.Semaphore, render: bool) -> int:
+    async def one(i: int, gate: asyncio.Semaphore, render: bool) -> tuple[int, float]:
         async with gate:
+            sent = time.perf_counter()
             ids = await renderer.ids(reqs[i].messages) if render else prompts[i]
             final = None
             async for out in llm.generate({"prompt_token_ids": ids}, params, f"raw-{i}-{time.time()}"):
                 final = out
-            return len(final.outputs[0].token_ids)
+            return len(final.outputs[0].token_ids), time.perf_counter() - sent
 
-    async def measure(indices, render: bool = False) -> tuple[int, float]:
+    async def measure(indices, render: bool = False) -> tuple[int, float, list[float]]:
         gate = asyncio.Semaphore(concurrency)
         start = time.perf_counter()
-        tokens = await asyncio.gather(*(one(i, gate, render) for i in indices))
-        return sum(tokens), time.perf_counter() - start
+        done = await asyncio.gather(*(one(i, gate, render) for i in indices))
+        return sum(tokens for tokens, _ in done), time.perf_counter() - start, [latency for _, latency in done]
 
     async def main() -> tuple[dict, dict]:
         await measure(range(warmup))  # also computes the shared prefix once, as in the other arms
@@ -164,12 +166,17 @@ def through_pool(config, model_dir: str, reqs: list[GenerationRequest], concurre
 
 def pool_arm(pool, reqs, concurrency: int, warmup: int, adapter: str | None) -> dict:
     tagged = [GenerationRequest(r.messages, r.sampling, adapter, f"{adapter or 'base'}-{r.request_id}") for r in reqs]
+
+    def timed(request: GenerationRequest):
+        sent = time.perf_counter()
+        return pool.generate(request), time.perf_counter() - sent
+
     with ThreadPoolExecutor(concurrency) as threads:
         list(threads.map(pool.generate, tagged[:warmup]))
         start = time.perf_counter()
-        results = list(threads.map(pool.generate, tagged))
+        done = list(threads.map(timed, tagged))
         wall = time.perf_counter() - start
-    return summary(sum(r.completion_tokens for r in results), wall)
+    return summary(sum(r.completion_tokens for r, _ in done), wall, [latency for _, latency in done])
 
 
 def wait_for_free_gpu(min_share: float = 0.9, timeout_s: float = 60.0) -> None:
@@ -184,8 +191,17 @@ def wait_for_free_gpu(min_share: float = 0.9, timeout_s: float = 60.0) -> None:
         time.sleep(1.0)
 
 
-def summary(tokens: int, wall: float) -> dict:
-    return {"generated_tokens": tokens, "wall_s": round(wall, 2), "tokens_per_s": round(tokens / wall, 1)}
+def summary(tokens: int, wall: float, latencies: list[float]) -> dict:
+    """Throughput, and each request's seconds from being sent (past the concurrency gate) to its answer:
+    a path that delays requests between engine steps shows in the latencies, one that leaves gaps
+    between them only in the throughput."""
+    ranked = sorted(latencies)
+
+    def at(q: float) -> float:
+        return round(ranked[min(len(ranked) - 1, int(q * len(ranked)))], 3)
+
+    return {"generated_tokens": tokens, "wall_s": round(wall, 2), "tokens_per_s": round(tokens / wall, 1),
+            "latency_s": {"p50": at(0.5), "p90": at(0.9), "max": round(ranked[-1], 3)}}
 
 
 def main() -> None:

@@ -34,4 +34,5 @@ def test_arms_b_and_c_run_through_the_pool_and_load_the_bench_adapter(ray_cluste
     assert base["engine_start_s"] >= 0 and "engine_start_s" not in lora
     for arm in (base, lora):  # the FakeEngine counts words: every measured request answered
         assert arm["generated_tokens"] > 0 and arm["tokens_per_s"] > 0
+        assert 0 < arm["latency_s"]["p50"] <= arm["latency_s"]["p90"] <= arm["latency_s"]["max"] <= arm["wall_s"] + 0.01
     assert ray_cluster.is_initialized()  # the caller's cluster stays up

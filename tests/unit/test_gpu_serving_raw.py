@@ -31,6 +31,8 @@ def test_raw_arms_report_in_order_and_send_the_same_prompts(fake_vllm, monkeypat
     assert arms == [("raw", raw), ("raw_rendered", rendered)]
     assert raw["engine_start_s"] >= 0 and "engine_start_s" not in rendered
     assert raw["generated_tokens"] == rendered["generated_tokens"] == 12 * 3  # the fake answers 3 tokens
+    for arm in (raw, rendered):
+        assert 0 <= arm["latency_s"]["p50"] <= arm["latency_s"]["p90"] <= arm["latency_s"]["max"] <= arm["wall_s"] + 0.01
     [engine] = engines
     kinds = [call[0] for call in engine.calls]
     assert kinds == ["generate"] * 14 + ["reset_prefix_cache"] + ["generate"] * 14 + ["shutdown"]
