@@ -117,7 +117,7 @@ def render_stall(wave: int = 64, waves: int = 8) -> dict[str, tuple[float, float
     async def main() -> dict[str, tuple[float, float, float]]:
         results = {}
         for name, render in (("one by one", one_by_one), ("PromptRenderer", renderer.ids)):
-            runs = [await measure(render, gpu_serving.requests(wave)) for _ in range(waves + 1)][1:]
+            runs = [await measure(render, gpu_serving.requests(wave)) for _ in range(waves + 1)][1:]  # 1st: warm-up
             ready = statistics.median(r for _, r in runs)
             results[name] = (ready / wave * 1e3, statistics.median(s for s, _ in runs) * 1e3, ready * 1e3)
         return results

@@ -21,7 +21,7 @@ class PromptRenderer:
     def __init__(self, tokenizer: Any, max_batch: int = 256):
         self.tokenizer = tokenizer
         self.max_batch = max_batch
-        self.batches = 0  # rendering calls made (tests and benchmarks read it)
+        self.batches = 0  # rendering calls made (tests read it)
         self._pending: list[tuple[Messages, asyncio.Future]] = []
         self._worker: asyncio.Task | None = None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="prompt-render")
@@ -44,12 +44,10 @@ class PromptRenderer:
                                                      [messages for messages, _ in batch])
             except BaseException as exc:  # cancelled, or the thread is gone: no request is left waiting
                 for _, future in batch + self._pending:
-                    if future.done():
-                        continue
                     if isinstance(exc, asyncio.CancelledError):
-                        future.cancel()
+                        future.cancel()  # no-op on one already done
                     else:
-                        future.set_exception(exc)
+                        settle(future, exc)
                 self._pending = []
                 raise
             self.batches += 1
