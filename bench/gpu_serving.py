@@ -14,7 +14,8 @@ then 100 tokens of its own), greedy, 128 new tokens, the same engine arguments
 Prints generated tokens/s of each and the ratios b/a and c/b, measured in this run
 (targets from issue 7: b/a >= 0.95, c/b >= 0.70), b/a2 (the actor and router alone: (a2)
 does the replica's rendering in-process), each arm's request latencies (p50, p90, max seconds
-from being sent to the answer) and each engine's start-up seconds
+from being sent to the answer), where each request's share of the wall time went (`per_request_s`,
+below) and each engine's start-up seconds
 (engine_start_s: AsyncLLM.from_engine_args for (a), InferencePool.start for (b) and (c)).
 With --json the results file is rewritten as each arm finishes, so a run cut short keeps
 the arms it completed; a ratio is added once both of its arms are in. Not a test: numbers
@@ -101,28 +102,31 @@ def raw_vllm(config, model_dir: str, reqs: list[GenerationRequest], concurrency:
     renderer = PromptRenderer(tokenizer)
     report = on_arm or (lambda name, result: None)
 
-    async def one(i: int, gate: asyncio.Semaphore, render: bool) -> tuple[int, float]:
+    async def one(i: int, gate: asyncio.Semaphore, render: bool) -> tuple[int, float, float]:
         async with gate:
             sent = time.perf_counter()
             ids = await renderer.ids(reqs[i].messages) if render else prompts[i]
+            rendered = time.perf_counter() - sent
             final = None
             async for out in llm.generate({"prompt_token_ids": ids}, params, f"raw-{i}-{time.time()}"):
                 final = out
-            return len(final.outputs[0].token_ids), time.perf_counter() - sent
+            return len(final.outputs[0].token_ids), time.perf_counter() - sent, rendered
 
-    async def measure(indices, render: bool = False) -> tuple[int, float, list[float]]:
+    async def measure(indices, render: bool = False) -> dict:
         gate = asyncio.Semaphore(concurrency)
         start = time.perf_counter()
         done = await asyncio.gather(*(one(i, gate, render) for i in indices))
-        return sum(tokens for tokens, _ in done), time.perf_counter() - start, [latency for _, latency in done]
+        latencies = [latency for _, latency, _ in done]
+        return summary(sum(tokens for tokens, _, _ in done), time.perf_counter() - start, latencies, concurrency,
+                       render_s=sum(r for _, _, r in done), inside_s=sum(latencies))
 
     async def main() -> tuple[dict, dict]:
         await measure(range(warmup))  # also computes the shared prefix once, as in the other arms
-        raw = {**summary(*(await measure(range(len(reqs))))), "engine_start_s": round(engine_start_s, 1)}
+        raw = {**(await measure(range(len(reqs)))), "engine_start_s": round(engine_start_s, 1)}
         report("raw", raw)
         await llm.reset_prefix_cache()  # (a2) starts from what (a) started from: the same requests, uncached
         await measure(range(warmup), render=True)
-        rendered = summary(*(await measure(range(len(reqs)), render=True)))
+        rendered = await measure(range(len(reqs)), render=True)
         report("raw_rendered", rendered)
         return raw, rendered
 
@@ -173,10 +177,20 @@ def pool_arm(pool, reqs, concurrency: int, warmup: int, adapter: str | None) -> 
 
     with ThreadPoolExecutor(concurrency) as threads:
         list(threads.map(pool.generate, tagged[:warmup]))
+        before = replica_seconds(pool)
         start = time.perf_counter()
         done = list(threads.map(timed, tagged))
         wall = time.perf_counter() - start
-    return summary(sum(r.completion_tokens for r, _ in done), wall, [latency for _, latency in done])
+        inside_s, render_s = (after - earlier for after, earlier in zip(replica_seconds(pool), before))
+    return summary(sum(r.completion_tokens for r, _ in done), wall, [latency for _, latency in done], concurrency,
+                   render_s=render_s, inside_s=inside_s)
+
+
+def replica_seconds(pool) -> tuple[float, float]:
+    """Seconds the replicas spent in generate and, of those, waiting for prompts to be rendered (vLLM), summed
+    over requests and replicas since they started."""
+    health = pool.health()
+    return sum(h["generate_s"] for h in health), sum(h.get("render_s", 0.0) for h in health)
 
 
 def wait_for_free_gpu(min_share: float = 0.9, timeout_s: float = 60.0) -> None:
@@ -191,17 +205,30 @@ def wait_for_free_gpu(min_share: float = 0.9, timeout_s: float = 60.0) -> None:
         time.sleep(1.0)
 
 
-def summary(tokens: int, wall: float, latencies: list[float]) -> dict:
-    """Throughput, and each request's seconds from being sent (past the concurrency gate) to its answer:
-    a path that delays requests between engine steps shows in the latencies, one that leaves gaps
-    between them only in the throughput."""
+def summary(tokens: int, wall: float, latencies: list[float], concurrency: int, render_s: float,
+            inside_s: float) -> dict:
+    """Throughput; each request's seconds from being sent (past the concurrency gate) to its answer
+    (a path that delays requests between engine steps shows in the latencies, one that leaves gaps
+    between them only in the throughput); and `per_request_s`, where the wall time went.
+
+    Each of the `concurrency` slots is held for concurrency * wall / requests seconds per request
+    (`slot`): `idle` between requests (the sender, and the tail of the run), `ray_path` from the pool
+    to the replica and back (latency less the replica's time in generate; 0 for raw vLLM),
+    `render` waiting for the prompt's ids, `engine` the rest. They add up to `slot`, and arm x / arm y
+    in tokens/s is slot(y) / slot(x) for equal tokens: the part that grew is the part that costs.
+    `inside_s` and `render_s` are sums over the requests."""
     ranked = sorted(latencies)
+    n = len(latencies)
 
     def at(q: float) -> float:
-        return round(ranked[min(len(ranked) - 1, int(q * len(ranked)))], 3)
+        return round(ranked[min(n - 1, int(q * n))], 3)
 
+    slot, latency = concurrency * wall / n, sum(latencies) / n
+    parts = {"slot": slot, "idle": slot - latency, "ray_path": latency - inside_s / n, "render": render_s / n,
+             "engine": (inside_s - render_s) / n}
     return {"generated_tokens": tokens, "wall_s": round(wall, 2), "tokens_per_s": round(tokens / wall, 1),
-            "latency_s": {"p50": at(0.5), "p90": at(0.9), "max": round(ranked[-1], 3)}}
+            "requests_per_s": round(n / wall, 2), "latency_s": {"p50": at(0.5), "p90": at(0.9), "max": round(ranked[-1], 3)},
+            "per_request_s": {name: round(value, 4) for name, value in parts.items()}}
 
 
 def main() -> None:

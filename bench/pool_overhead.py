@@ -8,9 +8,10 @@ the same --requests with --concurrency in flight:
   (b) pool    InferencePool -> Router -> ReplicaActor (Ray) -> the same engine, from driver threads
               (one replica; --replicas for more)
 
-Prints requests/s of each and b/a for each --latency-s. At the latency of the GPU bench's requests
-(64 in flight at about 60 requests/s: about 1 s each), b/a is the share of arm (a)'s throughput the
-path keeps before any GPU work; at 0 s, (b) is the path's ceiling in requests/s. What this leaves
+Prints requests/s of each, b/a and, of (b), each request's mean Ray path (its latency less the
+replica's time in generate) and idle slot time (gpu_serving.summary's parts) for each --latency-s.
+At the latency of the GPU bench's requests (64 in flight at about 60 requests/s: about 1 s each),
+b/a is the share of arm (a)'s throughput the path keeps before any GPU work; at 0 s, (b) is the path's ceiling in requests/s. What this leaves
 out: the vLLM replica's prompt rendering (timed separately below: how long a wave of --concurrency
 prompts stalls the replica's event loop, rendered one by one on it or by PromptRenderer) and how the
 GPU shares its host's CPU. Not a test: numbers depend on the machine.
@@ -26,7 +27,6 @@ import asyncio
 import os
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -62,15 +62,6 @@ def direct(reqs: list[GenerationRequest], concurrency: int) -> float:
         return time.perf_counter() - start
 
     return asyncio.run(main())
-
-
-def through_pool(pool, reqs: list[GenerationRequest], concurrency: int) -> float:
-    with ThreadPoolExecutor(concurrency) as threads:
-        start = time.perf_counter()
-        results = list(threads.map(pool.generate, reqs))
-        wall = time.perf_counter() - start
-    assert [r.request_id for r in results] == [r.request_id for r in reqs]
-    return wall
 
 
 def render_stall(wave: int = 64, waves: int = 8) -> dict[str, tuple[float, float, float]]:
@@ -146,14 +137,17 @@ def main() -> None:
                                 "inference.cpus_per_replica=0.5", f"output_dir={tempfile.mkdtemp()}"])
     print(f"{args.requests} requests, {args.concurrency} in flight, {args.replicas} replica(s), "
           f"{os.cpu_count()} CPUs")
-    print(f"{'latency s':>9} {'(a) direct req/s':>17} {'(b) pool req/s':>15} {'b/a':>6}")
+    print(f"{'latency s':>9} {'(a) direct req/s':>17} {'(b) pool req/s':>15} {'b/a':>6} "
+          f"{'(b) Ray path ms/req':>19} {'(b) idle ms/req':>15}")
     with Session(config, "overhead") as session:
-        through_pool(session.pool, requests(args.concurrency, 0), args.concurrency)  # warm-up: actors, threads
         for latency in latencies:
             reqs = requests(args.requests, latency)
             a = args.requests / direct(reqs, args.concurrency)
-            b = args.requests / through_pool(session.pool, reqs, args.concurrency)
-            print(f"{latency:9.2f} {a:17.1f} {b:15.1f} {b / a:6.3f}", flush=True)
+            # the GPU bench's arm (b); its warm-up wave also starts the actors' and the threads' paths
+            b = gpu_serving.pool_arm(session.pool, reqs, args.concurrency, args.concurrency, None)
+            parts = b["per_request_s"]
+            print(f"{latency:9.2f} {a:17.1f} {b['requests_per_s']:15.1f} {b['requests_per_s'] / a:6.3f} "
+                  f"{parts['ray_path'] * 1e3:19.1f} {parts['idle'] * 1e3:15.1f}", flush=True)
     ray.shutdown()
     print(f"\nthe vLLM replica's prompt rendering, {args.concurrency} of these prompts arriving at once, on this CPU:")
     print(f"{'':>15} {'ms/prompt':>9} {'loop stall ms':>13} {'wave ready ms':>13}")

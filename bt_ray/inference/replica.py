@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from bt_ray import storage
@@ -22,10 +23,17 @@ class ReplicaActor:
         logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{replica_id}] %(name)s: %(message)s")
         self.replica_id = replica_id
         self.engine = engine_class(engine)(model_dir=model_dir, config=config, dtype=dtype)
+        self.generate_calls = 0
+        self.generate_s = 0.0  # summed over calls, from entering generate to its answer
         logger.info("replica ready: engine=%s model=%s", engine, model_dir)
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
-        return await self.engine.generate(request)
+        start = time.perf_counter()
+        try:
+            return await self.engine.generate(request)
+        finally:
+            self.generate_calls += 1
+            self.generate_s += time.perf_counter() - start
 
     async def load_adapter(self, name: str, path: str) -> str:
         path = await asyncio.to_thread(storage.fetch, path)  # a URI: downloaded to this node's cache first
@@ -44,4 +52,7 @@ class ReplicaActor:
         await self.engine.wake()
 
     async def health(self) -> dict[str, Any]:
-        return {"replica": self.replica_id, **(await self.engine.health())}
+        """The engine's state and counters, and this actor's time in generate: a caller's latency less
+        generate_s is the Ray path (sending the call, queueing on the event loop, the answer coming back)."""
+        return {"replica": self.replica_id, **(await self.engine.health()),
+                "generate_calls": self.generate_calls, "generate_s": self.generate_s}

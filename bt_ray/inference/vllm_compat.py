@@ -20,6 +20,7 @@ import importlib.util
 import itertools
 import logging
 import os
+import time
 from typing import Any
 
 from bt_ray.config import InferenceConfig
@@ -80,6 +81,7 @@ class VLLMEngine:
         self.paths: dict[str, str] = {}
         self.asleep = False
         self.served = 0
+        self.render_s = 0.0  # summed over requests: waiting for the prompt's ids
         self._request_ids = itertools.count()
         logger.info("vLLM %s engine: %s (tp=%d, max_lora_rank=%d, max_loras=%d)", vllm.version, model_dir,
                     config.vllm.tensor_parallel_size, config.vllm.max_lora_rank, config.vllm.max_loras)
@@ -90,7 +92,9 @@ class VLLMEngine:
         if self.asleep:
             raise EngineError("the vLLM engine is asleep; call wake() before generate()")
         lora = self._lora_request(request.adapter)
+        start = time.perf_counter()
         ids = await self.renderer.ids(request.messages)
+        self.render_s += time.perf_counter() - start
         params = self._vllm.SamplingParams(**sampling_kwargs(request.sampling), output_kind=self._vllm.FINAL_ONLY)
         request_id = f"{request.request_id or 'req'}-{next(self._request_ids)}"
         final = None
@@ -149,6 +153,7 @@ class VLLMEngine:
     async def health(self) -> dict[str, Any]:
         return {"engine": "vllm", "version": self._vllm.version, "adapters": sorted(self.ids.ids),
                 "lora_ids": dict(self.ids.ids), "asleep": self.asleep, "served": self.served,
+                "render_s": self.render_s,
                 "tensor_parallel_size": self.kwargs["tensor_parallel_size"]}
 
     # ------------------------------------------------------------ beyond the protocol

@@ -35,4 +35,7 @@ def test_arms_b_and_c_run_through_the_pool_and_load_the_bench_adapter(ray_cluste
     for arm in (base, lora):  # the FakeEngine counts words: every measured request answered
         assert arm["generated_tokens"] > 0 and arm["tokens_per_s"] > 0
         assert 0 < arm["latency_s"]["p50"] <= arm["latency_s"]["p90"] <= arm["latency_s"]["max"] <= arm["wall_s"] + 0.01
+        parts = arm["per_request_s"]  # the replica's own clock: it took part of each request's latency
+        assert parts["engine"] > 0 and parts["ray_path"] > 0 and parts["render"] == 0  # the FakeEngine renders none
+        assert abs(sum(parts[k] for k in ("idle", "ray_path", "render", "engine")) - parts["slot"]) < 1e-3
     assert ray_cluster.is_initialized()  # the caller's cluster stays up

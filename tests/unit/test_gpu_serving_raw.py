@@ -33,6 +33,10 @@ def test_raw_arms_report_in_order_and_send_the_same_prompts(fake_vllm, monkeypat
     assert raw["generated_tokens"] == rendered["generated_tokens"] == 12 * 3  # the fake answers 3 tokens
     for arm in (raw, rendered):
         assert 0 <= arm["latency_s"]["p50"] <= arm["latency_s"]["p90"] <= arm["latency_s"]["max"] <= arm["wall_s"] + 0.01
+        parts = arm["per_request_s"]  # in-process: no Ray path; the parts fill each request's slot
+        assert parts["ray_path"] == 0 and min(parts.values()) >= 0
+        assert abs(parts["idle"] + parts["render"] + parts["engine"] - parts["slot"]) < 1e-3
+    assert raw["per_request_s"]["render"] < rendered["per_request_s"]["render"]  # (a)'s ids were ready
     [engine] = engines
     kinds = [call[0] for call in engine.calls]
     assert kinds == ["generate"] * 14 + ["reset_prefix_cache"] + ["generate"] * 14 + ["shutdown"]

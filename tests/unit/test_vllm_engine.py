@@ -227,6 +227,8 @@ def test_generate_sends_chat_token_ids_and_returns_the_text(fake_vllm, model_dir
     assert lora is None
     assert (result.text, result.completion_tokens, result.cached_prompt_tokens) == ("answer from base", 3, 4)
     assert result.prompt_tokens == len(prompt["prompt_token_ids"]) and result.request_id == "r1"
+    health = asyncio.run(engine.health())
+    assert health["served"] == 1 and health["render_s"] > 0  # the wait for the prompt's ids is counted
 
 
 def test_each_adapter_version_gets_a_new_name_and_id(fake_vllm, model_dir, tmp_path):
