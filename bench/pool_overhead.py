@@ -8,6 +8,9 @@ the same --requests with --concurrency in flight:
   (b) pool    InferencePool -> Router -> ReplicaActor (Ray) -> the same engine, from driver threads
               (one replica; --replicas for more)
 
+and, for (b)'s ceiling at 0 s, bare Ray: the same requests as calls to an async actor that answers
+at once, from as many driver threads (what Ray itself costs per call).
+
 Prints requests/s of each, b/a and, of (b), each request's mean Ray path (its latency less the
 replica's time in generate) and idle slot time (gpu_serving.summary's parts) for each --latency-s.
 At the latency of the GPU bench's requests (64 in flight at about 60 requests/s: about 1 s each),
@@ -27,6 +30,7 @@ import asyncio
 import os
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -62,6 +66,31 @@ def direct(reqs: list[GenerationRequest], concurrency: int) -> float:
         return time.perf_counter() - start
 
     return asyncio.run(main())
+
+
+class BareActor:
+    """An async Ray actor that answers at once: Ray's own cost per call, without bt-ray's pool or engine."""
+
+    async def generate(self, request: GenerationRequest):
+        from bt_ray.inference.engine import GenerationResult
+
+        return GenerationResult(request.request_id, "answer", 700, 1, "stop", None)
+
+
+def bare_ray(reqs: list[GenerationRequest], concurrency: int) -> float:
+    """Requests/s of bare Ray calls (the same requests, from as many driver threads, ray.get each)."""
+    import ray
+
+    actor = ray.remote(BareActor).options(num_cpus=0.5).remote()
+    call = lambda request: ray.get(actor.generate.remote(request))  # noqa: E731
+    try:
+        with ThreadPoolExecutor(concurrency) as threads:
+            list(threads.map(call, reqs[:concurrency]))  # warm-up
+            start = time.perf_counter()
+            list(threads.map(call, reqs))
+            return len(reqs) / (time.perf_counter() - start)
+    finally:
+        ray.kill(actor)
 
 
 def render_stall(wave: int = 64, waves: int = 8) -> dict[str, tuple[float, float, float]]:
@@ -148,6 +177,9 @@ def main() -> None:
             parts = b["per_request_s"]
             print(f"{latency:9.2f} {a:17.1f} {b['requests_per_s']:15.1f} {b['requests_per_s'] / a:6.3f} "
                   f"{parts['ray_path'] * 1e3:19.1f} {parts['idle'] * 1e3:15.1f}", flush=True)
+        bare = bare_ray(requests(args.requests, 0), args.concurrency)
+        print(f"bare Ray actor calls, {args.concurrency} driver threads: {bare:.1f} req/s (the ceiling of any path "
+              "that makes one Ray call per request)", flush=True)
     ray.shutdown()
     print(f"\nthe vLLM replica's prompt rendering, {args.concurrency} of these prompts arriving at once, on this CPU:")
     print(f"{'':>15} {'ms/prompt':>9} {'loop stall ms':>13} {'wave ready ms':>13}")
