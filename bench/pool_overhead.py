@@ -14,10 +14,11 @@ at once, from as many driver threads (what Ray itself costs per call).
 Prints requests/s of each, b/a and, of (b), each request's mean Ray path (its latency less the
 replica's time in generate) and idle slot time (gpu_serving.summary's parts) for each --latency-s.
 At the latency of the GPU bench's requests (64 in flight at about 60 requests/s: about 1 s each),
-b/a is the share of arm (a)'s throughput the path keeps before any GPU work; at 0 s, (b) is the path's ceiling in requests/s. What this leaves
-out: the vLLM replica's prompt rendering (timed separately below: how long a wave of --concurrency
-prompts stalls the replica's event loop, rendered one by one on it or by PromptRenderer) and how the
-GPU shares its host's CPU. Not a test: numbers depend on the machine.
+b/a is the share of arm (a)'s throughput the path keeps before any GPU work; at 0 s, (b) is the
+path's ceiling in requests/s. What this leaves out: the vLLM replica's prompt rendering (timed
+separately below: a wave of --concurrency prompts, how long each waits for its ids and how long the
+replica's event loop stalls, rendered one by one on it, in one batch off it, or by PromptRenderer)
+and how the GPU shares its host's CPU. Not a test: numbers depend on the machine.
 
     python bench/pool_overhead.py                                   # latencies 1.0 and 0, 64 in flight
     python bench/pool_overhead.py --latency-s 0.5,0 --requests 2048 --concurrency 128
@@ -96,9 +97,11 @@ def bare_ray(reqs: list[GenerationRequest], concurrency: int) -> float:
 def render_stall(wave: int = 64, waves: int = 8) -> dict[str, tuple[float, float, float]]:
     """The vLLM replica's prompt rendering on the GPU bench's requests and tokenizer, `wave` requests
     arriving at once (as when a batch of 64 finishes together), `waves` times, on an event loop with a
-    1 ms heartbeat: per way of rendering, (ms per prompt, the loop's longest stall in ms, ms until the
-    wave's last prompt is ready), medians over the waves. 'one by one' is chat.prompt_ids on the loop
-    (the replica before PromptRenderer); 'PromptRenderer' batches on a worker thread."""
+    1 ms heartbeat: per way of rendering, (ms until a prompt's ids are ready, the mean over the wave;
+    the loop's longest stall in ms; ms until the wave's last prompt is ready), medians over the waves.
+    'one by one' is chat.prompt_ids on the loop (the replica before PromptRenderer); 'one batch' the
+    whole wave in one call on one worker thread (PromptRenderer as first written); 'PromptRenderer'
+    its chunks on its thread pool (the replica now)."""
     import statistics
     from pathlib import Path
 
@@ -110,12 +113,13 @@ def render_stall(wave: int = 64, waves: int = 8) -> dict[str, tuple[float, float
 
     arch = read_config(gpu_serving.ARCH)
     tokenizer = AutoTokenizer.from_pretrained(write_config_only(Path(tempfile.mkdtemp()) / "m", arch))
-    renderer = PromptRenderer(tokenizer)
+    renderers = {"one batch": PromptRenderer(tokenizer, chunk=wave, threads=1),
+                 "PromptRenderer": PromptRenderer(tokenizer)}
 
     async def one_by_one(messages):
         return prompt_ids(tokenizer, messages)
 
-    async def measure(render, reqs) -> tuple[float, float]:
+    async def measure(render, reqs) -> tuple[float, float, float]:
         stall, done = 0.0, False
 
         async def heartbeat():
@@ -125,27 +129,30 @@ def render_stall(wave: int = 64, waves: int = 8) -> dict[str, tuple[float, float
                 await asyncio.sleep(0.001)
                 stall = max(stall, time.perf_counter() - before - 0.001)
 
+        async def timed(messages) -> float:
+            await render(messages)
+            return time.perf_counter() - start
+
         beat = asyncio.create_task(heartbeat())
         await asyncio.sleep(0.01)
         start = time.perf_counter()
-        await asyncio.gather(*(render(r.messages) for r in reqs))
-        ready = time.perf_counter() - start
+        ready = await asyncio.gather(*(timed(r.messages) for r in reqs))
         done = True
         await beat
-        return stall, ready
+        return statistics.mean(ready), stall, max(ready)
 
     async def main() -> dict[str, tuple[float, float, float]]:
         results = {}
-        for name, render in (("one by one", one_by_one), ("PromptRenderer", renderer.ids)):
+        for name, render in (("one by one", one_by_one), *((name, r.ids) for name, r in renderers.items())):
             runs = [await measure(render, gpu_serving.requests(wave)) for _ in range(waves + 1)][1:]  # 1st: warm-up
-            ready = statistics.median(r for _, r in runs)
-            results[name] = (ready / wave * 1e3, statistics.median(s for s, _ in runs) * 1e3, ready * 1e3)
+            results[name] = tuple(statistics.median(run[i] for run in runs) * 1e3 for i in range(3))
         return results
 
     try:
         return asyncio.run(main())
     finally:
-        renderer.close()
+        for renderer in renderers.values():
+            renderer.close()
 
 
 def main() -> None:
@@ -182,9 +189,9 @@ def main() -> None:
               "that makes one Ray call per request)", flush=True)
     ray.shutdown()
     print(f"\nthe vLLM replica's prompt rendering, {args.concurrency} of these prompts arriving at once, on this CPU:")
-    print(f"{'':>15} {'ms/prompt':>9} {'loop stall ms':>13} {'wave ready ms':>13}")
-    for name, (per, stall, ready) in render_stall(args.concurrency).items():
-        print(f"{name:>15} {per:9.2f} {stall:13.1f} {ready:13.1f}")
+    print(f"{'':>15} {'ready ms (mean)':>15} {'loop stall ms':>13} {'wave ready ms':>13}")
+    for name, (mean, stall, ready) in render_stall(args.concurrency).items():
+        print(f"{name:>15} {mean:15.1f} {stall:13.1f} {ready:13.1f}")
 
 
 if __name__ == "__main__":

@@ -2,14 +2,17 @@
 
 In a vLLM replica one event loop runs Ray's calls and vLLM's output processing; rendering
 each prompt there (0.5-1 ms for a DSPy prompt of 700 tokens) stalls both, once per request.
-Here the requests that arrive while a batch is being rendered wait for the next one, and each
-batch is one `chat.prompt_ids_batch` call on a worker thread, whose encode runs without the GIL,
-as vLLM's AsyncMicrobatchTokenizer does for its own server. The ids are `prompt_ids`' exactly.
+Here the requests that arrive in one turn of the loop are split into chunks of a few, and each
+chunk is one `chat.prompt_ids_batch` call on a small thread pool, whose encode runs without the
+GIL, as vLLM's AsyncMicrobatchTokenizer does for its own server. Chunks, not one batch per wave:
+a request waits for its own chunk, not for the whole wave, and the chunks encode on several
+cores at once. The ids are `prompt_ids`' exactly.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -18,48 +21,54 @@ from bt_ray.inference.chat import Messages, prompt_ids, prompt_ids_batch
 
 
 class PromptRenderer:
-    def __init__(self, tokenizer: Any, max_batch: int = 256):
+    def __init__(self, tokenizer: Any, chunk: int = 4, threads: int | None = None):
         self.tokenizer = tokenizer
-        self.max_batch = max_batch
-        self.batches = 0  # rendering calls made (tests read it)
+        self.chunk = chunk
+        self.batches = 0  # rendering calls finished (tests read it)
         self._pending: list[tuple[Messages, asyncio.Future]] = []
-        self._worker: asyncio.Task | None = None
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="prompt-render")
+        self._dispatch_on: asyncio.AbstractEventLoop | None = None  # the loop a dispatch is scheduled on
+        threads = threads or min(4, len(os.sched_getaffinity(0)))
+        self._threads = ThreadPoolExecutor(threads, thread_name_prefix="prompt-render")
 
     async def ids(self, messages: Messages) -> list[int]:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._pending.append((messages, future))
-        if self._worker is None or self._worker.done() or self._worker.get_loop() is not loop:
-            self._worker = loop.create_task(self._render())
+        if self._dispatch_on is not loop:  # requests sent in the same turn of the loop share chunks
+            self._dispatch_on = loop
+            loop.call_soon(self._dispatch, loop)
         return await future
 
-    async def _render(self) -> None:
-        loop = asyncio.get_running_loop()
-        await asyncio.sleep(0)  # requests sent in the same turn of the loop join the first batch
-        while self._pending:
-            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch:]
+    def _dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._dispatch_on = None
+        taken, self._pending = self._pending, []
+        for start in range(0, len(taken), self.chunk):
+            chunk = taken[start:start + self.chunk]
             try:
-                results = await loop.run_in_executor(self._thread, _render_batch, self.tokenizer,
-                                                     [messages for messages, _ in batch])
-            except BaseException as exc:  # cancelled, or the thread is gone: no request is left waiting
-                for _, future in batch + self._pending:
-                    if isinstance(exc, asyncio.CancelledError):
-                        future.cancel()  # no-op on one already done
-                    else:
-                        settle(future, exc)
-                self._pending = []
-                raise
-            self.batches += 1
-            for (_, future), result in zip(batch, results):
-                settle(future, result)
+                done = loop.run_in_executor(self._threads, _render_batch, self.tokenizer, [m for m, _ in chunk])
+            except RuntimeError as exc:  # the pool was closed: no request is left waiting
+                for _, future in chunk:
+                    settle(future, exc)
+                continue
+            done.add_done_callback(lambda finished, chunk=chunk: self._settle(chunk, finished))
+
+    def _settle(self, chunk: list[tuple[Messages, asyncio.Future]], finished: asyncio.Future) -> None:
+        if finished.cancelled():  # close() cancelled the queued call
+            for _, future in chunk:
+                future.cancel()  # no-op on one already done
+            return
+        self.batches += 1
+        exc = finished.exception()
+        results = [exc] * len(chunk) if exc is not None else finished.result()
+        for (_, future), result in zip(chunk, results):
+            settle(future, result)
 
     def close(self) -> None:
-        self._thread.shutdown(wait=False, cancel_futures=True)
+        self._threads.shutdown(wait=False, cancel_futures=True)
 
 
 def _render_batch(tokenizer: Any, conversations: list[Messages]) -> list[list[int] | Exception]:
-    """One call for the batch; if it fails, each conversation alone, so that a bad one fails only its request."""
+    """One call for the chunk; if it fails, each conversation alone, so that a bad one fails only its request."""
     try:
         return prompt_ids_batch(tokenizer, conversations)
     except Exception:

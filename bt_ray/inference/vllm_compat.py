@@ -4,8 +4,8 @@ Written against vLLM 0.26 (pyproject's `gpu` extra). vLLM is imported when an en
 built, never at import time, so CPU machines run bt-ray without it. What bt-ray sends to
 vLLM is computed by the pure functions of `vllm_args.py`.
 
-- Prompts are rendered by bt-ray (`chat.prompt_ids`, the same tokens the trainer uses), in batches
-  off the event loop (`PromptRenderer`), and passed as token ids; vLLM's automatic prefix caching
+- Prompts are rendered by bt-ray (`chat.prompt_ids`, the same tokens the trainer uses), in small
+  chunks off the event loop (`PromptRenderer`), and passed as token ids; vLLM's automatic prefix caching
   reuses the shared instructions + demos.
 - Every adapter version is added under a new name and a new integer id (`AdapterIds`), on
   top of the base model, which keeps serving: `add_lora` does not pause other requests.

@@ -1,5 +1,6 @@
-"""PromptRenderer: the vLLM replica's prompt ids, rendered in batches on a worker thread, equal
-chat.prompt_ids token for token; a bad conversation fails only its own request."""
+"""PromptRenderer: the vLLM replica's prompt ids, rendered in chunks on worker threads, equal
+chat.prompt_ids token for token; a request waits for its own chunk only; a bad conversation fails
+only its own request."""
 
 import asyncio
 import threading
@@ -24,8 +25,8 @@ def test_batch_ids_equal_one_by_one(tokenizer):
     assert chat.prompt_ids_batch(tokenizer, []) == []
 
 
-def test_requests_sent_together_are_rendered_in_one_batch_with_their_own_ids(tokenizer):
-    renderer = PromptRenderer(tokenizer)
+def test_requests_sent_together_are_rendered_in_chunks_with_their_own_ids(tokenizer):
+    renderer = PromptRenderer(tokenizer, chunk=8)
     conversations = [CONVERSATIONS[i % 4][:-1] + [{"role": "user", "content": f"request {i}"}] for i in range(64)]
 
     async def main():
@@ -34,9 +35,9 @@ def test_requests_sent_together_are_rendered_in_one_batch_with_their_own_ids(tok
     try:
         ids = asyncio.run(main())
         assert ids == [chat.prompt_ids(tokenizer, c) for c in conversations]
-        assert renderer.batches == 1
+        assert renderer.batches == 8  # 64 requests sent in one turn of the loop: 8 chunks of 8
         assert asyncio.run(main()) == ids  # a second event loop (a new asyncio.run) is served too
-        assert renderer.batches == 2
+        assert renderer.batches == 16
     finally:
         renderer.close()
 
@@ -47,10 +48,13 @@ class RecordingTokenizer:
 
     def __init__(self):
         self.threads = set()
+        self.release = threading.Event()  # 'wait' content blocks its chunk until this is set
 
     def apply_chat_template(self, conversation, add_generation_prompt=True, tokenize=True):
         self.threads.add(threading.get_ident())
         batch = conversation if isinstance(conversation[0], list) else [conversation]
+        if any(m["content"] == "wait" for c in batch for m in c):
+            assert self.release.wait(10), "the test never released the blocked chunk"
         if any(m["content"] == "bad" for c in batch for m in c):
             raise ValueError("template cannot render 'bad'")
         ids = [[ord(ch) for m in c for ch in m["content"]] for c in batch]
@@ -92,3 +96,31 @@ def test_a_cancelled_request_leaves_the_others_their_ids(tokenizer):
         renderer.close()
     assert cancelled.cancelled()
     assert ids == [chat.prompt_ids(tokenizer, c) for c in CONVERSATIONS[1:]]
+
+
+def test_a_request_waits_for_its_own_chunk_not_for_the_whole_wave():
+    fake = RecordingTokenizer()
+    renderer = PromptRenderer(fake, chunk=2, threads=2)
+    blocked = [[{"role": "user", "content": "wait"}], [{"role": "user", "content": "z"}]]
+    first = [[{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]]
+
+    async def main():
+        late = [asyncio.ensure_future(renderer.ids(c)) for c in blocked]  # chunk 1: blocked in its thread
+        early = await asyncio.gather(*(renderer.ids(c) for c in first))  # chunk 2: answered meanwhile
+        still_waiting = not any(f.done() for f in late)
+        fake.release.set()
+        return early, still_waiting, await asyncio.gather(*late)
+
+    try:
+        early, still_waiting, late = asyncio.run(main())
+    finally:
+        fake.release.set()
+        renderer.close()
+    assert early == [[97], [98]] and still_waiting and late == [[119, 97, 105, 116], [122]]
+
+
+def test_after_close_a_request_fails_instead_of_waiting(tokenizer):
+    renderer = PromptRenderer(tokenizer)
+    renderer.close()
+    with pytest.raises(RuntimeError):
+        asyncio.run(renderer.ids(CONVERSATIONS[0]))
