@@ -227,7 +227,8 @@ def summary(tokens: int, wall: float, latencies: list[float], concurrency: int, 
     parts = {"slot": slot, "idle": slot - latency, "ray_path": latency - inside_s / n, "render": render_s / n,
              "engine": (inside_s - render_s) / n}
     return {"generated_tokens": tokens, "wall_s": round(wall, 2), "tokens_per_s": round(tokens / wall, 1),
-            "requests_per_s": round(n / wall, 2), "latency_s": {"p50": at(0.5), "p90": at(0.9), "max": round(ranked[-1], 3)},
+            "requests_per_s": round(n / wall, 2),
+            "latency_s": {"p50": at(0.5), "p90": at(0.9), "max": round(ranked[-1], 3)},
             "per_request_s": {name: round(value, 4) for name, value in parts.items()}}
 
 

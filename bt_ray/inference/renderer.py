@@ -27,7 +27,7 @@ class PromptRenderer:
         self.batches = 0  # rendering calls finished (tests read it)
         self._pending: list[tuple[Messages, asyncio.Future]] = []
         self._dispatch_on: asyncio.AbstractEventLoop | None = None  # the loop a dispatch is scheduled on
-        threads = threads or min(4, len(os.sched_getaffinity(0)))
+        threads = threads or min(4, _usable_cpus())
         self._threads = ThreadPoolExecutor(threads, thread_name_prefix="prompt-render")
 
     async def ids(self, messages: Messages) -> list[int]:
@@ -65,6 +65,13 @@ class PromptRenderer:
 
     def close(self) -> None:
         self._threads.shutdown(wait=False, cancel_futures=True)
+
+
+def _usable_cpus() -> int:
+    """CPUs this process may run on (its affinity where the OS has one, as Linux does)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _render_batch(tokenizer: Any, conversations: list[Messages]) -> list[list[int] | Exception]:
