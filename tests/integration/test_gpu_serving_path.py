@@ -1,4 +1,4 @@
-"""bench/gpu_serving.py's arms (b) and (c) on CPU, so that a GPU run does not find their bugs first.
+"""bench/gpu_serving.py's arms (b), (b+) and (c) on CPU, so that a GPU run does not find their bugs first.
 
 The replica runs the FakeEngine (labelled test engine: no model, answers in DSPy's format) instead of
 vLLM; the pool, router, Ray actors, the bench's requests and its rank-32 q,k adapter on Llama-3-8B
@@ -29,10 +29,13 @@ def test_arms_b_and_c_run_through_the_pool_and_load_the_bench_adapter(ray_cluste
     base, lora = gpu_serving.through_pool(config, str(tmp_path), gpu_serving.requests(12), concurrency=4,
                                           warmup=2, adapter_dir=str(adapter),
                                           on_arm=lambda name, result: arms.append((name, result)))
-    assert [name for name, _ in arms] == ["bt_ray", "lora"]
-    assert arms[0][1] is base and arms[1][1] is lora
-    assert base["engine_start_s"] >= 0 and "engine_start_s" not in lora
-    for arm in (base, lora):  # the FakeEngine counts words: every measured request answered
+    assert [name for name, _ in arms] == ["bt_ray", "bt_ray_queued", "lora"]
+    assert arms[0][1] is base and arms[2][1] is lora
+    queued = arms[1][1]
+    assert base["engine_start_s"] >= 0 and "engine_start_s" not in lora and "engine_start_s" not in queued
+    # (b+): 5 in flight (a quarter more than 4), each slot a fifth of the wall time per request
+    assert abs(queued["per_request_s"]["slot"] - 5 * queued["wall_s"] / 12) < 0.01
+    for arm in (base, queued, lora):  # the FakeEngine counts words: every measured request answered
         assert arm["generated_tokens"] > 0 and arm["tokens_per_s"] > 0
         assert 0 < arm["latency_s"]["p50"] <= arm["latency_s"]["p90"] <= arm["latency_s"]["max"] <= arm["wall_s"] + 0.01
         parts = arm["per_request_s"]  # the replica's own clock: it took part of each request's latency
