@@ -10,9 +10,10 @@ then 100 tokens of its own), greedy, 128 new tokens, the same engine arguments
   (a2) rendered  (a) rendering each prompt as it is sent, with the replica's PromptRenderer
   (b)  bt-ray    the same through InferencePool -> Router -> ReplicaActor (Ray) -> VLLMEngine
   (b+) queued    (b) with a quarter more requests in flight than vLLM runs at once (max_num_seqs =
-                 --concurrency), as bt-ray runs (inference.max_inflight above max_batch_size): the
-                 requests waiting in vLLM's queue cover the path's time between a request's answer
-                 and the next one's arrival. Not the target's measure (that is b/a, at one concurrency)
+                 --concurrency): requests waiting in vLLM's queue cover the path's time between a
+                 request's answer and the next one's arrival. What inference.max_inflight above
+                 replicas x max_batch_size would buy (the GPU configs set them equal); not the
+                 target's measure (that is b/a, at one concurrency)
   (c)  lora      (b) with a rank-32 q_proj,k_proj adapter active on every request
 
 Prints generated tokens/s of each and the ratios b/a and c/b, measured in this run
