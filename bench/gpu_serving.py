@@ -7,26 +7,31 @@ then 100 tokens of its own), greedy, 128 new tokens, the same engine arguments
 (bt_ray.inference.vllm_args.engine_kwargs) and --concurrency requests in flight:
 
   (a)  raw       vLLM AsyncLLM in this process, token-id prompts rendered before the clock starts
+  (a+) queued    (a) with a quarter more requests in flight than vLLM runs at once, as (b+)
   (a2) rendered  (a) rendering each prompt as it is sent, with the replica's PromptRenderer
   (b)  bt-ray    the same through InferencePool -> Router -> ReplicaActor (Ray) -> VLLMEngine
   (b+) queued    (b) with a quarter more requests in flight than vLLM runs at once (max_num_seqs =
                  --concurrency): requests waiting in vLLM's queue cover the path's time between a
                  request's answer and the next one's arrival. What inference.max_inflight above
-                 replicas x max_batch_size would buy (the GPU configs set them equal); not the
-                 target's measure (that is b/a, at one concurrency)
+                 replicas x max_batch_size would buy (the GPU configs set them equal). Compared with
+                 (a+), not (a): both rerun the requests of the arm before, whose prompts are then all
+                 in the prefix cache. Not the target's measure (that is b/a, at one concurrency)
   (c)  lora      (b) with a rank-32 q_proj,k_proj adapter active on every request
 
 Prints generated tokens/s of each and the ratios b/a and c/b, measured in this run
 (targets from issue 7: b/a >= 0.95, c/b >= 0.70), b/a2 (the actor and router alone: (a2)
-does the replica's rendering in-process), b+/a, each arm's request latencies (p50, p90, max seconds
-from being sent to the answer), where each request's share of the wall time went (`per_request_s`,
-below) and each engine's start-up seconds
+does the replica's rendering in-process), b+/a+, each arm's request latencies (p50, p90, max
+seconds from being sent to the answer), where each request's share of the wall time went
+(`per_request_s`, below), with --step-stats what the engine did per step (`engine_steps`: requests
+running, generated tokens, ms, share of steps finishing a prefill; bt_ray/inference/engine_steps.py)
+and each engine's start-up seconds
 (engine_start_s: AsyncLLM.from_engine_args for (a), InferencePool.start for (b) and (c)).
 With --json the results file is rewritten as each arm finishes, so a run cut short keeps
 the arms it completed; a ratio is added once both of its arms are in. Not a test: numbers
 depend on the GPU.
 
-    python bench/gpu_serving.py                              # 256 requests, 64 in flight
+    python bench/gpu_serving.py                              # 512 requests, 64 in flight
+    python bench/gpu_serving.py --step-stats                 # + the engine's steps (vLLM stat logging on)
     python bench/gpu_serving.py --requests 512 --concurrency 128 --json results.json
 """
 
@@ -55,7 +60,12 @@ ARCH = Path(__file__).resolve().parent / "models" / "llama-3-8b.json"
 SAMPLING = SamplingParams(temperature=0.0, max_tokens=128, stop=())
 RATIOS = {"bt_ray_vs_raw": ("bt_ray", "raw"), "lora_vs_base": ("lora", "bt_ray"),
           "bt_ray_vs_raw_rendered": ("bt_ray", "raw_rendered"), "raw_rendered_vs_raw": ("raw_rendered", "raw"),
-          "bt_ray_queued_vs_raw": ("bt_ray_queued", "raw")}
+          "bt_ray_queued_vs_raw_queued": ("bt_ray_queued", "raw_queued")}
+
+
+def queued(concurrency: int) -> int:
+    """In flight for the (a+) and (b+) arms: a quarter more than vLLM runs at once (max_num_seqs)."""
+    return concurrency + max(1, concurrency // 4)
 
 
 def requests(n: int, prefix: int = 600, own: int = 100) -> list[GenerationRequest]:
@@ -65,7 +75,7 @@ def requests(n: int, prefix: int = 600, own: int = 100) -> list[GenerationReques
                               SAMPLING, request_id=f"r{i}") for i in range(n)]
 
 
-def run_config(model_dir: str, concurrency: int, max_model_len: int, eager: bool):
+def run_config(model_dir: str, concurrency: int, max_model_len: int, eager: bool, step_stats: bool = False):
     return load_config(None, [
         f"model.name={model_dir}", "placement.mode=split", "train.use_gpu=true", "inference.engine=vllm",
         "inference.replicas=1", "inference.gpus_per_replica=1", "inference.cpus_per_replica=2",
@@ -74,7 +84,7 @@ def run_config(model_dir: str, concurrency: int, max_model_len: int, eager: bool
         f"inference.max_batch_size={concurrency}", "inference.vllm.load_format=dummy",
         "inference.vllm.max_lora_rank=32", f"inference.vllm.max_model_len={max_model_len}",
         f"inference.vllm.enforce_eager={str(eager).lower()}", "inference.vllm.gpu_memory_utilization=0.85",
-        "inference.request_timeout_s=900"])
+        f"inference.vllm.step_stats={str(step_stats).lower()}", "inference.request_timeout_s=900"])
 
 
 # ---------------------------------------------------------------- (a) raw vLLM
@@ -82,8 +92,8 @@ def run_config(model_dir: str, concurrency: int, max_model_len: int, eager: bool
 
 def raw_vllm(config, model_dir: str, reqs: list[GenerationRequest], concurrency: int, warmup: int,
              on_arm: Callable[[str, dict], None] | None = None) -> tuple[dict, dict]:
-    """(a) and (a2) on one engine; (a)'s dict has its start-up seconds. `on_arm("raw" | "raw_rendered",
-    result)` is called as each arm finishes."""
+    """(a), (a+) and (a2) on one engine; (a)'s dict has its start-up seconds. `on_arm("raw" | "raw_queued" |
+    "raw_rendered", result)` is called as each arm finishes."""
     from bt_ray.inference.vllm_compat import engine_env
 
     engine_env()  # the replica's engine settings (sampler, spawn), before vLLM is imported
@@ -95,14 +105,17 @@ def raw_vllm(config, model_dir: str, reqs: list[GenerationRequest], concurrency:
     from vllm.v1.engine.async_llm import AsyncLLM
 
     from bt_ray.inference.chat import prompt_ids
+    from bt_ray.inference.engine_steps import EngineSteps, step_summary
     from bt_ray.inference.renderer import PromptRenderer
     from bt_ray.inference.vllm_args import engine_kwargs, sampling_kwargs
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompts = [prompt_ids(tokenizer, r.messages) for r in reqs]
     params = VSamplingParams(**sampling_kwargs(SAMPLING), output_kind=RequestOutputKind.FINAL_ONLY)
+    steps = EngineSteps() if config.inference.vllm.step_stats else None
     start = time.perf_counter()
-    llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(config.inference, model_dir)))
+    llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(config.inference, model_dir)),
+                                    stat_loggers=None if steps is None else [steps])
     engine_start_s = time.perf_counter() - start
 
     renderer = PromptRenderer(tokenizer)
@@ -118,18 +131,23 @@ def raw_vllm(config, model_dir: str, reqs: list[GenerationRequest], concurrency:
                 final = out
             return len(final.outputs[0].token_ids), time.perf_counter() - sent, rendered
 
-    async def measure(indices, render: bool = False) -> dict:
-        gate = asyncio.Semaphore(concurrency)
+    async def measure(indices, render: bool = False, in_flight: int = concurrency) -> dict:
+        gate = asyncio.Semaphore(in_flight)
+        before = None if steps is None else steps.snapshot()
         start = time.perf_counter()
         done = await asyncio.gather(*(one(i, gate, render) for i in indices))
+        wall = time.perf_counter() - start
         latencies = [latency for _, latency, _ in done]
-        return summary(sum(tokens for tokens, _, _ in done), time.perf_counter() - start, latencies, concurrency,
-                       render_s=sum(r for _, _, r in done), inside_s=sum(latencies))
+        return summary(sum(tokens for tokens, _, _ in done), wall, latencies, in_flight,
+                       render_s=sum(r for _, _, r in done), inside_s=sum(latencies),
+                       engine_steps=None if steps is None else step_summary(before, steps.snapshot()))
 
     async def main() -> tuple[dict, dict]:
         await measure(range(warmup))  # also computes the shared prefix once, as in the other arms
         raw = {**(await measure(range(len(reqs)))), "engine_start_s": round(engine_start_s, 1)}
         report("raw", raw)
+        # (a+) reruns (a)'s requests, all cached now, as (b+) reruns (b)'s
+        report("raw_queued", await measure(range(len(reqs)), in_flight=queued(concurrency)))
         await llm.reset_prefix_cache()  # (a2) starts from what (a) started from: the same requests, uncached
         await measure(range(warmup), render=True)
         rendered = await measure(range(len(reqs)), render=True)
@@ -165,7 +183,7 @@ def through_pool(config, model_dir: str, reqs: list[GenerationRequest], concurre
     try:
         base = {**pool_arm(pool, reqs, concurrency, warmup, None), "engine_start_s": round(engine_start_s, 1)}
         report("bt_ray", base)
-        report("bt_ray_queued", pool_arm(pool, reqs, concurrency + max(1, concurrency // 4), warmup, None))
+        report("bt_ray_queued", pool_arm(pool, reqs, queued(concurrency), warmup, None))
         pool.load_adapter("bench-v1", adapter_dir)
         lora = pool_arm(pool, reqs, concurrency, warmup, "bench-v1")
         report("lora", lora)
@@ -185,20 +203,28 @@ def pool_arm(pool, reqs, concurrency: int, warmup: int, adapter: str | None) -> 
 
     with ThreadPoolExecutor(concurrency) as threads:
         list(threads.map(pool.generate, tagged[:warmup]))
-        before = replica_seconds(pool)
+        before = replica_counters(pool)
         start = time.perf_counter()
         done = list(threads.map(timed, tagged))
         wall = time.perf_counter() - start
-        inside_s, render_s = (after - earlier for after, earlier in zip(replica_seconds(pool), before))
+        after = replica_counters(pool)
+    steps = None
+    if after["engine_steps"] is not None:
+        from bt_ray.inference.engine_steps import step_summary
+
+        steps = step_summary(before["engine_steps"], after["engine_steps"])
     return summary(sum(r.completion_tokens for r, _ in done), wall, [latency for _, latency in done], concurrency,
-                   render_s=render_s, inside_s=inside_s)
+                   render_s=after["render_s"] - before["render_s"],
+                   inside_s=after["generate_s"] - before["generate_s"], engine_steps=steps)
 
 
-def replica_seconds(pool) -> tuple[float, float]:
-    """Seconds the replicas spent in generate and, of those, waiting for prompts to be rendered (vLLM), summed
-    over requests and replicas since they started."""
+def replica_counters(pool) -> dict:
+    """Summed over replicas since they started: seconds in generate and, of those, waiting for prompts to be
+    rendered (vLLM); with inference.vllm.step_stats the engines' step counters (else None)."""
     health = pool.health()
-    return sum(h["generate_s"] for h in health), sum(h.get("render_s", 0.0) for h in health)
+    steps = [h["engine_steps"] for h in health if "engine_steps" in h]
+    return {"generate_s": sum(h["generate_s"] for h in health), "render_s": sum(h.get("render_s", 0.0) for h in health),
+            "engine_steps": {key: sum(s[key] for s in steps) for key in steps[0]} if steps else None}
 
 
 def wait_for_free_gpu(min_share: float = 0.9, timeout_s: float = 60.0) -> None:
@@ -214,7 +240,7 @@ def wait_for_free_gpu(min_share: float = 0.9, timeout_s: float = 60.0) -> None:
 
 
 def summary(tokens: int, wall: float, latencies: list[float], concurrency: int, render_s: float,
-            inside_s: float) -> dict:
+            inside_s: float, engine_steps: dict | None = None) -> dict:
     """Throughput; each request's seconds from being sent (past the concurrency gate) to its answer
     (a path that delays requests between engine steps shows in the latencies, one that leaves gaps
     between them only in the throughput); and `per_request_s`, where the wall time went.
@@ -224,7 +250,8 @@ def summary(tokens: int, wall: float, latencies: list[float], concurrency: int, 
     to the replica and back (latency less the replica's time in generate; 0 for raw vLLM),
     `render` waiting for the prompt's ids, `engine` the rest. They add up to `slot`, and arm x / arm y
     in tokens/s is slot(y) / slot(x) for equal tokens: the part that grew is the part that costs.
-    `inside_s` and `render_s` are sums over the requests."""
+    `inside_s` and `render_s` are sums over the requests. `engine_steps` (engine_steps.step_summary), when
+    counted, is added as it is."""
     ranked = sorted(latencies)
     n = len(latencies)
 
@@ -237,15 +264,20 @@ def summary(tokens: int, wall: float, latencies: list[float], concurrency: int, 
     return {"generated_tokens": tokens, "wall_s": round(wall, 2), "tokens_per_s": round(tokens / wall, 1),
             "requests_per_s": round(n / wall, 2),
             "latency_s": {"p50": at(0.5), "p90": at(0.9), "max": round(ranked[-1], 3)},
-            "per_request_s": {name: round(value, 4) for name, value in parts.items()}}
+            "per_request_s": {name: round(value, 4) for name, value in parts.items()},
+            **({} if engine_steps is None else {"engine_steps": engine_steps})}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--requests", type=int, default=512,
+                        help="8 waves at 64 in flight: the closed loop's ramp at the start and drain at the end "
+                             "are a small share of the run")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=32)
     parser.add_argument("--eager", action="store_true", help="no CUDA graphs or compilation (faster start)")
+    parser.add_argument("--step-stats", action="store_true",
+                        help="count the engine's steps in every arm (vLLM's stat logging on, in each arm alike)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
 
@@ -255,12 +287,14 @@ def main() -> None:
     arch = read_config(ARCH)
     model_dir = str(write_config_only(work / "llama-3-8b", arch))
     adapter_dir = str(random_lora(work / "lora-r32-qk", arch, rank=32))
-    config = run_config(model_dir, args.concurrency, max_model_len=2048, eager=args.eager)
+    config = run_config(model_dir, args.concurrency, max_model_len=2048, eager=args.eager,
+                        step_stats=args.step_stats)
     reqs = requests(args.requests)
     results = {"gpu": torch.cuda.get_device_name(0), "model": "Llama-3-8B shapes, dummy weights, bf16",
                "requests": args.requests, "concurrency": args.concurrency, "prompt_tokens": "600 shared + 100 own",
-               "max_tokens": SAMPLING.max_tokens, "eager": args.eager}
-    labels = {"raw": "(a)  raw vLLM        ", "raw_rendered": "(a2) + rendering     ",
+               "max_tokens": SAMPLING.max_tokens, "eager": args.eager, "step_stats": args.step_stats}
+    labels = {"raw": "(a)  raw vLLM        ", "raw_queued": "(a+) + 25% queued    ",
+              "raw_rendered": "(a2) + rendering     ",
               "bt_ray": "(b)  bt-ray replica  ", "bt_ray_queued": "(b+) + 25% queued    ",
               "lora": "(c)  + LoRA r32 q,k  "}
 
@@ -280,8 +314,8 @@ def main() -> None:
     through_pool(config, model_dir, reqs, args.concurrency, args.warmup, adapter_dir, on_arm=record)
     print(f"bt-ray / raw = {results['bt_ray_vs_raw']} (target >= 0.95); "
           f"LoRA / base = {results['lora_vs_base']} (target >= 0.70); bt-ray / raw with rendering = "
-          f"{results['bt_ray_vs_raw_rendered']} (the actor and router alone); bt-ray with requests queued / raw = "
-          f"{results['bt_ray_queued_vs_raw']}")
+          f"{results['bt_ray_vs_raw_rendered']} (the actor and router alone); with a quarter more requests queued, "
+          f"bt-ray / raw = {results['bt_ray_queued_vs_raw_queued']}")
 
 
 def write_json(path: Path, results: dict) -> None:

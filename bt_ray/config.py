@@ -76,6 +76,9 @@ class VLLMConfig:
     load_format: Literal["auto", "safetensors", "dummy"] = opt(
         "auto", "how weights load; dummy = random weights of the right shapes (benchmarks only)")
     enforce_eager: bool = opt(False, "no CUDA graphs: faster start, slower decoding")
+    step_stats: bool = opt(False, "count the engine's steps (requests running per step, ms per step, steps "
+                           "finishing a prefill) in the replicas' health; turns on vLLM's stat logging "
+                           "(a little CPU per step)")
 
 
 @dataclass

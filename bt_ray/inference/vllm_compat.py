@@ -9,6 +9,8 @@ vLLM is computed by the pure functions of `vllm_args.py`.
   reuses the shared instructions + demos.
 - Every adapter version is added under a new name and a new integer id (`AdapterIds`), on
   top of the base model, which keeps serving: `add_lora` does not pause other requests.
+- With inference.vllm.step_stats, an `EngineSteps` stat logger counts the engine's steps (health's
+  `engine_steps`: requests running per step, time per step).
 - sleep/wake use vLLM's sleep mode (placement timeshare): level 1 moves the weights (and the
   LoRA slots) to CPU memory and drops the KV cache. Level 2 is refused: in vLLM 0.26 it breaks
   with LoRA enabled (vLLM issue #39934, see `VLLMEngine.__init__`).
@@ -26,6 +28,7 @@ from typing import Any
 from bt_ray.config import InferenceConfig
 from bt_ray.errors import AdapterError, EngineError, RequestError
 from bt_ray.inference.engine import GenerationRequest, GenerationResult
+from bt_ray.inference.engine_steps import EngineSteps
 from bt_ray.inference.renderer import PromptRenderer
 from bt_ray.inference.vllm_args import AdapterIds, check_adapter_fits, engine_kwargs, sampling_kwargs
 
@@ -76,7 +79,9 @@ class VLLMEngine:
         self.kwargs = engine_kwargs(config, model_dir, dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(self.kwargs["tokenizer"])
         self.renderer = PromptRenderer(self.tokenizer)
-        self.llm = vllm.AsyncLLM.from_engine_args(vllm.AsyncEngineArgs(**self.kwargs))
+        self.steps = EngineSteps() if config.vllm.step_stats else None
+        self.llm = vllm.AsyncLLM.from_engine_args(vllm.AsyncEngineArgs(**self.kwargs),
+                                                  stat_loggers=None if self.steps is None else [self.steps])
         self.ids = AdapterIds()
         self.paths: dict[str, str] = {}
         self.asleep = False
@@ -142,6 +147,8 @@ class VLLMEngine:
                               "to let replicas free their GPU during training")
         await self.llm.sleep(level)  # vLLM aborts requests still in flight and clears its prefix cache
         self.asleep = True
+        if self.steps is not None:
+            self.steps.pause()
 
     async def wake(self) -> None:
         if not self.asleep:
@@ -153,7 +160,7 @@ class VLLMEngine:
     async def health(self) -> dict[str, Any]:
         return {"engine": "vllm", "version": self._vllm.version, "adapters": sorted(self.ids.ids),
                 "lora_ids": dict(self.ids.ids), "asleep": self.asleep, "served": self.served,
-                "render_s": self.render_s,
+                "render_s": self.render_s, **({} if self.steps is None else {"engine_steps": self.steps.snapshot()}),
                 "tensor_parallel_size": self.kwargs["tensor_parallel_size"]}
 
     # ------------------------------------------------------------ beyond the protocol

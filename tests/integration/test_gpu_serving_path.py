@@ -41,4 +41,5 @@ def test_arms_b_and_c_run_through_the_pool_and_load_the_bench_adapter(ray_cluste
         parts = arm["per_request_s"]  # the replica's own clock: it took part of each request's latency
         assert parts["engine"] > 0 and parts["ray_path"] > 0 and parts["render"] == 0  # the FakeEngine renders none
         assert abs(sum(parts[k] for k in ("idle", "ray_path", "render", "engine")) - parts["slot"]) < 1e-3
+        assert "engine_steps" not in arm  # only vLLM with inference.vllm.step_stats counts steps
     assert ray_cluster.is_initialized()  # the caller's cluster stays up

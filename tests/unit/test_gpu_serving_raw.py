@@ -1,6 +1,7 @@
-"""bench/gpu_serving.py's arms (a) and (a2) against the FAKE vllm package of test_vllm_engine.py (a
-recorder, no model), so that a GPU run does not find their bugs first: both arms report, in order,
-(a2) starts from an emptied prefix cache and sends the very token ids (a) sends."""
+"""bench/gpu_serving.py's arms (a), (a+) and (a2) against the FAKE vllm package of test_vllm_engine.py (a
+recorder, no model, one FAKE engine step per request), so that a GPU run does not find their bugs first: the
+arms report in order, (a2) starts from an emptied prefix cache and sends the very token ids (a) sends, and
+with step stats each arm counts its own steps."""
 
 import sys
 from pathlib import Path
@@ -20,17 +21,23 @@ def test_raw_arms_report_in_order_and_send_the_same_prompts(fake_vllm, monkeypat
     from bt_ray.synthetic import read_config, write_config_only
 
     model_dir = str(write_config_only(tmp_path / "llama-3-8b", read_config(gpu_serving.ARCH)))
-    config = load_config(None, ["inference.vllm.max_lora_rank=32", f"output_dir={tmp_path}"])
+    config = load_config(None, ["inference.vllm.max_lora_rank=32", "inference.vllm.step_stats=true",
+                                f"output_dir={tmp_path}"])
     reqs = gpu_serving.requests(12)
     engines, arms = [], []
     monkeypatch.setattr(fake_vllm["vllm.v1.engine.async_llm"].AsyncLLM, "from_engine_args",
-                        classmethod(lambda cls, args: engines.append(cls(args)) or engines[-1]))
+                        classmethod(lambda cls, args, stat_loggers=None: engines.append(cls(args, stat_loggers))
+                                    or engines[-1]))
     raw, rendered = gpu_serving.raw_vllm(config, model_dir, reqs, concurrency=4, warmup=2,
                                          on_arm=lambda name, result: arms.append((name, result)))
 
-    assert arms == [("raw", raw), ("raw_rendered", rendered)]
+    assert [name for name, _ in arms] == ["raw", "raw_queued", "raw_rendered"]
+    assert arms[0] == ("raw", raw) and arms[2] == ("raw_rendered", rendered)
+    queued = arms[1][1]
     assert raw["engine_start_s"] >= 0 and "engine_start_s" not in rendered
-    assert raw["generated_tokens"] == rendered["generated_tokens"] == 12 * 3  # the fake answers 3 tokens
+    assert raw["generated_tokens"] == queued["generated_tokens"] == rendered["generated_tokens"] == 12 * 3  # 3 each
+    for arm in (raw, queued, rendered):
+        assert arm["engine_steps"]["steps"] == 12 and arm["engine_steps"]["tokens_per_step"] == 3  # the arm's own
     for arm in (raw, rendered):
         assert 0 <= arm["latency_s"]["p50"] <= arm["latency_s"]["p90"] <= arm["latency_s"]["max"] <= arm["wall_s"] + 0.01
         parts = arm["per_request_s"]  # in-process: no Ray path; the parts fill each request's slot
@@ -39,8 +46,9 @@ def test_raw_arms_report_in_order_and_send_the_same_prompts(fake_vllm, monkeypat
     assert raw["per_request_s"]["render"] < rendered["per_request_s"]["render"]  # (a)'s ids were ready
     [engine] = engines
     kinds = [call[0] for call in engine.calls]
-    assert kinds == ["generate"] * 14 + ["reset_prefix_cache"] + ["generate"] * 14 + ["shutdown"]
+    assert kinds == ["generate"] * 26 + ["reset_prefix_cache"] + ["generate"] * 14 + ["shutdown"]
     sent = [call[1]["prompt_token_ids"] for call in engine.calls if call[0] == "generate"]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     expected = [prompt_ids(tokenizer, r.messages) for r in reqs]
-    assert sorted(sent[:14]) == sorted(sent[14:]) == sorted(expected[:2] + expected)
+    assert sorted(sent[:14]) == sorted(sent[26:]) == sorted(expected[:2] + expected)
+    assert sorted(sent[14:26]) == sorted(expected)

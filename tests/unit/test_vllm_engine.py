@@ -139,19 +139,25 @@ def test_engine_registry_names_vllm_without_importing_it():
 
 
 class FakeAsyncLLM:
-    """FAKE vllm AsyncLLM: records calls, answers every prompt with a fixed completion."""
+    """FAKE vllm AsyncLLM: records calls, answers every prompt with a fixed completion in one FAKE engine step
+    (given to its stat loggers as vLLM's frontend would: one request running, 3 tokens, the prompt's)."""
 
-    def __init__(self, args):
+    def __init__(self, args, stat_loggers=None):
         self.args, self.calls, self.loras = args, [], {}
+        self.stat_loggers = [factory(None, 0) for factory in stat_loggers or []]
 
     @classmethod
-    def from_engine_args(cls, args):
-        return cls(args)
+    def from_engine_args(cls, args, stat_loggers=None):
+        return cls(args, stat_loggers)
 
     async def generate(self, prompt, params, request_id, *, lora_request=None):
         self.calls.append(("generate", prompt, params, request_id, lora_request))
         text = f"answer from {lora_request.lora_name if lora_request else 'base'}"
         completion = types.SimpleNamespace(text=text, token_ids=[1, 2, 3], finish_reason="stop")
+        for logger in self.stat_loggers:
+            logger.record(types.SimpleNamespace(num_running_reqs=1, num_waiting_reqs=0),
+                          types.SimpleNamespace(num_generation_tokens=3,
+                                                num_prompt_tokens=len(prompt["prompt_token_ids"])))
         yield types.SimpleNamespace(outputs=[completion], num_cached_tokens=4, finished=True)
 
     async def add_lora(self, request):
@@ -229,6 +235,18 @@ def test_generate_sends_chat_token_ids_and_returns_the_text(fake_vllm, model_dir
     assert result.prompt_tokens == len(prompt["prompt_token_ids"]) and result.request_id == "r1"
     health = asyncio.run(engine.health())
     assert health["served"] == 1 and health["render_s"] > 0  # the wait for the prompt's ids is counted
+    assert engine.llm.stat_loggers == [] and "engine_steps" not in health  # vLLM's stat logging stays off
+
+
+def test_step_stats_count_the_engines_steps_in_health(fake_vllm, model_dir):
+    engine = make_engine(model_dir, step_stats=True)
+    [logger] = engine.llm.stat_loggers  # vLLM built its logger from the factory bt-ray passed
+    messages = ({"role": "user", "content": "2+2?"},)
+    for i in range(3):
+        asyncio.run(engine.generate(GenerationRequest(messages, SamplingParams(max_tokens=9), None, f"r{i}")))
+    steps = asyncio.run(engine.health())["engine_steps"]
+    assert logger is engine.steps and steps["steps"] == 3 and steps["generated_tokens"] == 9
+    assert steps["prefill_steps"] == 3 and steps["running"] == 3
 
 
 def test_each_adapter_version_gets_a_new_name_and_id(fake_vllm, model_dir, tmp_path):
