@@ -10,6 +10,10 @@ then 100 tokens of its own), greedy, 128 new tokens, the same engine arguments
   (a+) queued    (a) with a quarter more requests in flight than vLLM runs at once, as (b+)
   (a2) rendered  (a) rendering each prompt as it is sent, with the replica's PromptRenderer
   (b)  bt-ray    the same through InferencePool -> Router -> ReplicaActor (Ray) -> VLLMEngine
+  (b~) switch    (b) with the replica's GIL switch interval at 1 ms instead of Python's 5 ms (set
+                 through Ray's __ray_call__, put back after), on requests of another system prompt
+                 (as cold as (b)'s): do Ray's threads in the replica wait for a GIL held by vLLM's
+                 output processing on the replica's event loop? (bench/pool_overhead.py --loop-load)
   (b+) queued    (b) with a quarter more requests in flight than vLLM runs at once (max_num_seqs =
                  --concurrency): requests waiting in vLLM's queue cover the path's time between a
                  request's answer and the next one's arrival. What inference.max_inflight above
@@ -20,7 +24,7 @@ then 100 tokens of its own), greedy, 128 new tokens, the same engine arguments
 
 Prints generated tokens/s of each and the ratios b/a and c/b, measured in this run
 (targets from issue 7: b/a >= 0.95, c/b >= 0.70), b/a2 (the actor and router alone: (a2)
-does the replica's rendering in-process), b+/a+, each arm's request latencies (p50, p90, max
+does the replica's rendering in-process), b~/a, b+/a+, each arm's request latencies (p50, p90, max
 seconds from being sent to the answer), where each request's share of the wall time went
 (`per_request_s`, below), with --step-stats what the engine did per step (`engine_steps`: requests
 running, generated tokens, ms, share of steps finishing a prefill; bt_ray/inference/engine_steps.py)
@@ -60,7 +64,11 @@ ARCH = Path(__file__).resolve().parent / "models" / "llama-3-8b.json"
 SAMPLING = SamplingParams(temperature=0.0, max_tokens=128, stop=())
 RATIOS = {"bt_ray_vs_raw": ("bt_ray", "raw"), "lora_vs_base": ("lora", "bt_ray"),
           "bt_ray_vs_raw_rendered": ("bt_ray", "raw_rendered"), "raw_rendered_vs_raw": ("raw_rendered", "raw"),
-          "bt_ray_queued_vs_raw_queued": ("bt_ray_queued", "raw_queued")}
+          "bt_ray_queued_vs_raw_queued": ("bt_ray_queued", "raw_queued"),
+          "bt_ray_switch_vs_raw": ("bt_ray_switch", "raw")}
+
+
+SWITCH_INTERVAL_S = 0.001  # arm (b~)
 
 
 def queued(concurrency: int) -> int:
@@ -68,9 +76,10 @@ def queued(concurrency: int) -> int:
     return concurrency + max(1, concurrency // 4)
 
 
-def requests(n: int, prefix: int = 600, own: int = 100) -> list[GenerationRequest]:
-    """DSPy-shaped calls: one shared system prompt, then a user message of each request's own words."""
-    system = {"role": "system", "content": words(range(1000, 1000 + prefix))}
+def requests(n: int, prefix: int = 600, own: int = 100, system_first: int = 1000) -> list[GenerationRequest]:
+    """DSPy-shaped calls: one shared system prompt (words from `system_first` on: another value, another
+    program whose prompts share no cached block with these), then a user message of each request's own words."""
+    system = {"role": "system", "content": words(range(system_first, system_first + prefix))}
     return [GenerationRequest((system, {"role": "user", "content": words(range(5000 + i * own, 5000 + (i + 1) * own))}),
                               SAMPLING, request_id=f"r{i}") for i in range(n)]
 
@@ -166,9 +175,9 @@ def raw_vllm(config, model_dir: str, reqs: list[GenerationRequest], concurrency:
 
 def through_pool(config, model_dir: str, reqs: list[GenerationRequest], concurrency: int, warmup: int,
                  adapter_dir: str, on_arm: Callable[[str, dict], None] | None = None) -> tuple[dict, dict]:
-    """(b) and (c) on one pool, and (b+) between them; (b)'s dict has the pool's start-up seconds.
-    `on_arm("bt_ray" | "bt_ray_queued" | "lora", result)` is called as each arm finishes, before the next
-    one starts."""
+    """(b) and (c) on one pool, and (b~) and (b+) between them; (b)'s dict has the pool's start-up seconds.
+    `on_arm("bt_ray" | "bt_ray_switch" | "bt_ray_queued" | "lora", result)` is called as each arm finishes,
+    before the next one starts."""
     import ray
 
     from bt_ray.inference.placement import connect
@@ -183,6 +192,11 @@ def through_pool(config, model_dir: str, reqs: list[GenerationRequest], concurre
     try:
         base = {**pool_arm(pool, reqs, concurrency, warmup, None), "engine_start_s": round(engine_start_s, 1)}
         report("bt_ray", base)
+        # (b~): (b)'s cost (another system prompt: nothing of (b) cached), the replica's GIL handed over sooner
+        fresh = requests(len(reqs), system_first=1000 + len(reqs[0].messages[0]["content"].split()))
+        default = set_switch_interval(pool, SWITCH_INTERVAL_S)
+        report("bt_ray_switch", pool_arm(pool, fresh, concurrency, warmup, None))
+        set_switch_interval(pool, default)
         report("bt_ray_queued", pool_arm(pool, reqs, queued(concurrency), warmup, None))
         pool.load_adapter("bench-v1", adapter_dir)
         lora = pool_arm(pool, reqs, concurrency, warmup, "bench-v1")
@@ -216,6 +230,23 @@ def pool_arm(pool, reqs, concurrency: int, warmup: int, adapter: str | None) -> 
     return summary(sum(r.completion_tokens for r, _ in done), wall, [latency for _, latency in done], concurrency,
                    render_s=after["render_s"] - before["render_s"],
                    inside_s=after["generate_s"] - before["generate_s"], engine_steps=steps)
+
+
+def set_switch_interval(pool, seconds: float) -> float:
+    """Python's GIL switch interval (sys.setswitchinterval) in every replica process, through Ray's
+    `__ray_call__`; returns the one before (Python's default: 5 ms). While the replica's event loop runs
+    Python (vLLM's output processing at every engine step), Ray's threads in that process wait for the GIL
+    up to this long each time they need it (a request arriving, an answer leaving)."""
+    import ray
+
+    def switch(replica, seconds: float) -> float:  # defined here: Ray sends it by value (bench/ is not importable there)
+        import sys
+
+        before = sys.getswitchinterval()
+        sys.setswitchinterval(seconds)
+        return before
+
+    return ray.get([actor.__ray_call__.remote(switch, seconds) for actor in pool.replicas.values()])[0]
 
 
 def replica_counters(pool) -> dict:
@@ -295,7 +326,8 @@ def main() -> None:
                "max_tokens": SAMPLING.max_tokens, "eager": args.eager, "step_stats": args.step_stats}
     labels = {"raw": "(a)  raw vLLM        ", "raw_queued": "(a+) + 25% queued    ",
               "raw_rendered": "(a2) + rendering     ",
-              "bt_ray": "(b)  bt-ray replica  ", "bt_ray_queued": "(b+) + 25% queued    ",
+              "bt_ray": "(b)  bt-ray replica  ", "bt_ray_switch": "(b~) + GIL switch 1ms",
+              "bt_ray_queued": "(b+) + 25% queued    ",
               "lora": "(c)  + LoRA r32 q,k  "}
 
     def record(name: str, result: dict) -> None:
@@ -314,8 +346,9 @@ def main() -> None:
     through_pool(config, model_dir, reqs, args.concurrency, args.warmup, adapter_dir, on_arm=record)
     print(f"bt-ray / raw = {results['bt_ray_vs_raw']} (target >= 0.95); "
           f"LoRA / base = {results['lora_vs_base']} (target >= 0.70); bt-ray / raw with rendering = "
-          f"{results['bt_ray_vs_raw_rendered']} (the actor and router alone); with a quarter more requests queued, "
-          f"bt-ray / raw = {results['bt_ray_queued_vs_raw_queued']}")
+          f"{results['bt_ray_vs_raw_rendered']} (the actor and router alone); with the replica's GIL switch interval at "
+          f"1 ms: {results['bt_ray_switch_vs_raw']}; with a quarter more requests queued, bt-ray / raw = "
+          f"{results['bt_ray_queued_vs_raw_queued']}")
 
 
 def write_json(path: Path, results: dict) -> None:

@@ -18,10 +18,17 @@ b/a is the share of arm (a)'s throughput the path keeps before any GPU work; at 
 path's ceiling in requests/s. What this leaves out: the vLLM replica's prompt rendering (timed
 separately below: a wave of --concurrency prompts, how long each waits for its ids and how long the
 replica's event loop stalls, rendered one by one on it, in one batch off it, or by PromptRenderer)
-and how the GPU shares its host's CPU. Not a test: numbers depend on the machine.
+and how the GPU shares its host's CPU. With --loop-load P,B the engine's event loop is kept busy B ms
+of every P ms (a Python spin holding the GIL), in (a) and (b) alike, as vLLM's output processing keeps
+the loop of a replica (or of raw vLLM's caller) busy at every engine step: does the Ray path cost more
+when the replica's loop is busy? With --switch-interval-ms S, (b) runs again with the replica's GIL switch
+interval at S ms (Python's default: 5), the arm (b~) of bench/gpu_serving.py. Not a test: numbers depend on
+the machine.
 
     python bench/pool_overhead.py                                   # latencies 1.0 and 0, 64 in flight
     python bench/pool_overhead.py --latency-s 0.5,0 --requests 2048 --concurrency 128
+    python bench/pool_overhead.py --latency-s 1.0 --loop-load 6.5,2  # a loop busy 2 ms of each 6.5 ms step
+    python bench/pool_overhead.py --latency-s 1.0 --loop-load 6.5,4 --switch-interval-ms 1
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ import gpu_serving  # noqa: E402 (bench/, beside this script)
 
 from bt_ray.config import load_config  # noqa: E402
 from bt_ray.inference.engine import GenerationRequest  # noqa: E402
-from bt_ray.inference.fake import FakeEngine  # noqa: E402
+from bt_ray.inference.fake import LOOP_LOAD, FakeEngine  # noqa: E402
 
 
 def requests(n: int, latency_s: float) -> list[GenerationRequest]:
@@ -52,8 +59,8 @@ def requests(n: int, latency_s: float) -> list[GenerationRequest]:
     return [timed(r) for r in gpu_serving.requests(n)]
 
 
-def direct(reqs: list[GenerationRequest], concurrency: int) -> float:
-    engine = FakeEngine()
+def direct(reqs: list[GenerationRequest], concurrency: int, loop_load: tuple[float, float] | None = None) -> float:
+    engine = FakeEngine(loop_load=loop_load)
 
     async def main() -> float:
         gate = asyncio.Semaphore(concurrency)
@@ -155,38 +162,58 @@ def render_stall(wave: int = 64, waves: int = 8) -> dict[str, tuple[float, float
             renderer.close()
 
 
+def row(label: str, a: float, b: dict) -> None:
+    parts = b["per_request_s"]
+    print(f"{label} {a:17.1f} {b['requests_per_s']:15.1f} {b['requests_per_s'] / a:6.3f} "
+          f"{parts['ray_path'] * 1e3:19.1f} {parts['idle'] * 1e3:15.1f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=512)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--latency-s", default="1.0,0", help="comma-separated engine latencies per request")
     parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--loop-load", help="P,B: keep the engine's event loop busy B ms of every P ms")
+    parser.add_argument("--switch-interval-ms", type=float, help="also (b~): the replica's GIL switch interval")
     args = parser.parse_args()
 
     import ray
 
-    from bt_ray.session import Session
+    from bt_ray.inference.pool import InferencePool
 
     latencies = [float(x) for x in args.latency_s.split(",")]
+    loop_load = tuple(float(x) for x in args.loop_load.split(",")) if args.loop_load else None
+    model_dir = tempfile.mkdtemp(prefix="bt-ray-overhead-")  # the FakeEngine's: no model, maybe a loop load
+    if loop_load:
+        with open(os.path.join(model_dir, LOOP_LOAD), "w") as f:
+            f.write(" ".join(map(str, loop_load)))
     ray.init(include_dashboard=False, log_to_driver=False)
     config = load_config(None, ["inference.engine=fake", f"inference.replicas={args.replicas}",
                                 "inference.cpus_per_replica=0.5", f"output_dir={tempfile.mkdtemp()}"])
     print(f"{args.requests} requests, {args.concurrency} in flight, {args.replicas} replica(s), "
-          f"{os.cpu_count()} CPUs")
+          f"{os.cpu_count()} CPUs" + (f", engine loop busy {loop_load[1]:g} ms of every {loop_load[0]:g} ms"
+                                      if loop_load else ""))
     print(f"{'latency s':>9} {'(a) direct req/s':>17} {'(b) pool req/s':>15} {'b/a':>6} "
           f"{'(b) Ray path ms/req':>19} {'(b) idle ms/req':>15}")
-    with Session(config, "overhead") as session:
+    pool = InferencePool(config, model_dir, "overhead")
+    pool.start()
+    try:
         for latency in latencies:
             reqs = requests(args.requests, latency)
-            a = args.requests / direct(reqs, args.concurrency)
+            a = args.requests / direct(reqs, args.concurrency, loop_load)
             # the GPU bench's arm (b); its warm-up wave also starts the actors' and the threads' paths
-            b = gpu_serving.pool_arm(session.pool, reqs, args.concurrency, args.concurrency, None)
-            parts = b["per_request_s"]
-            print(f"{latency:9.2f} {a:17.1f} {b['requests_per_s']:15.1f} {b['requests_per_s'] / a:6.3f} "
-                  f"{parts['ray_path'] * 1e3:19.1f} {parts['idle'] * 1e3:15.1f}", flush=True)
+            b = gpu_serving.pool_arm(pool, reqs, args.concurrency, args.concurrency, None)
+            row(f"{latency:9.2f}", a, b)
+            if args.switch_interval_ms:
+                default = gpu_serving.set_switch_interval(pool, args.switch_interval_ms / 1e3)
+                row(f"{'(b~)':>9}", a, gpu_serving.pool_arm(pool, reqs, args.concurrency, args.concurrency, None))
+                gpu_serving.set_switch_interval(pool, default)
         bare = bare_ray(requests(args.requests, 0), args.concurrency)
         print(f"bare Ray actor calls, {args.concurrency} driver threads: {bare:.1f} req/s (the ceiling of any path "
               "that makes one Ray call per request)", flush=True)
+    finally:
+        pool.shutdown()
     ray.shutdown()
     print(f"\nthe vLLM replica's prompt rendering, {args.concurrency} of these prompts arriving at once, on this CPU:")
     print(f"{'':>15} {'ready ms (mean)':>15} {'loop stall ms':>13} {'wave ready ms':>13}")

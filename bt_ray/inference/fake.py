@@ -9,7 +9,10 @@ claims (deletes) that file first (tests of a version that loads on some replicas
 `fake-hang-once` holding a number of seconds makes the one replica that claims it load that much later
 (tests of a replica that does not answer a load in time); a file `fake-fail-unload-once` fails the unload of
 that folder's version on the one replica that claims it. A file `fake-fail-wake-once` in the model directory
-fails wake() on the one replica that claims it.
+fails wake() on the one replica that claims it. A file `fake-loop-load` in the model directory holding
+"<period_ms> <busy_ms>" keeps the engine's event loop busy (pure Python, holding the GIL) for busy_ms of
+every period_ms from its first request on, as vLLM's per-step output processing keeps a replica's loop busy
+(bench/pool_overhead.py --loop-load).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import time
 from typing import Any, Callable
 
 from bt_ray.inference.engine import GenerationRequest, GenerationResult
@@ -26,6 +30,7 @@ FAIL_ONCE = "fake-fail-once"
 HANG_ONCE = "fake-hang-once"
 FAIL_UNLOAD_ONCE = "fake-fail-unload-once"
 FAIL_WAKE_ONCE = "fake-fail-wake-once"
+LOOP_LOAD = "fake-loop-load"
 
 
 def echo_responder(request: GenerationRequest) -> str:
@@ -37,10 +42,13 @@ def echo_responder(request: GenerationRequest) -> str:
 
 class FakeEngine:
     def __init__(self, model_dir: str = "", config: Any = None, dtype: str = "auto",
-                 responder: Responder | None = None, delay_s: float = 0.0):
+                 responder: Responder | None = None, delay_s: float = 0.0,
+                 loop_load: tuple[float, float] | None = None):
         self.model_dir = model_dir
         self.responder = responder or echo_responder
         self.delay_s = delay_s
+        self.loop_load = loop_load or _read_loop_load(model_dir)  # (period_ms, busy_ms)
+        self._busy: asyncio.Task | None = None
         self.adapters: dict[str, str] = {}
         self.asleep = False
         self.served = 0
@@ -50,6 +58,8 @@ class FakeEngine:
             raise RuntimeError("engine is asleep; call wake() first")
         if request.adapter is not None and request.adapter not in self.adapters:
             raise KeyError(f"adapter {request.adapter!r} is not loaded")
+        if self.loop_load and self._busy is None:
+            self._busy = asyncio.get_running_loop().create_task(_keep_busy(*self.loop_load))
         last = request.messages[-1]["content"]
         delay = float(last.split()[0].removeprefix("fake-sleep:")) if last.startswith("fake-sleep:") else 0.0
         if self.delay_s or delay:
@@ -82,6 +92,22 @@ class FakeEngine:
 
     async def health(self) -> dict[str, Any]:
         return {"engine": "fake", "adapters": sorted(self.adapters), "served": self.served, "asleep": self.asleep}
+
+
+async def _keep_busy(period_ms: float, busy_ms: float) -> None:
+    while True:
+        until = time.perf_counter() + busy_ms / 1e3
+        while time.perf_counter() < until:  # a spin, not a sleep: the loop and the GIL are held
+            pass
+        await asyncio.sleep(max(0.0, period_ms - busy_ms) / 1e3)
+
+
+def _read_loop_load(model_dir: str) -> tuple[float, float] | None:
+    path = os.path.join(model_dir, LOOP_LOAD) if model_dir else ""
+    if not path or not os.path.isfile(path):
+        return None
+    period_ms, busy_ms = (float(x) for x in open(path).read().split())
+    return period_ms, busy_ms
 
 
 def _claim(path: str) -> str | None:

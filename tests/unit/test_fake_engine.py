@@ -1,0 +1,39 @@
+"""The FakeEngine's loop load (a test engine's hook for bench/pool_overhead.py --loop-load): from its first
+request on, its event loop is held busy_ms of every period_ms, read from the model directory in a replica."""
+
+import asyncio
+import time
+
+from bt_ray.inference.engine import GenerationRequest, SamplingParams
+from bt_ray.inference.fake import LOOP_LOAD, FakeEngine
+
+
+def longest_stall(engine: FakeEngine, seconds: float = 0.3) -> float:
+    """The longest gap of a 1 ms heartbeat on the engine's loop while one request waits `seconds`."""
+    async def main() -> float:
+        stall, done = 0.0, False
+
+        async def heartbeat():
+            nonlocal stall
+            while not done:
+                before = time.perf_counter()
+                await asyncio.sleep(0.001)
+                stall = max(stall, time.perf_counter() - before - 0.001)
+
+        beat = asyncio.create_task(heartbeat())
+        request = GenerationRequest(({"role": "user", "content": f"fake-sleep:{seconds} hi"},), SamplingParams())
+        await engine.generate(request)
+        done = True
+        await beat
+        return stall
+
+    return asyncio.run(main())
+
+
+def test_a_loop_load_holds_the_loop_and_none_does_not(tmp_path):
+    (tmp_path / LOOP_LOAD).write_text("10 6")
+    loaded = FakeEngine(model_dir=str(tmp_path))
+    assert loaded.loop_load == (10.0, 6.0)
+    held = longest_stall(loaded)
+    assert held >= 0.005  # each spin holds the loop for 6 ms
+    assert FakeEngine(model_dir="").loop_load is None and longest_stall(FakeEngine()) < held
