@@ -106,7 +106,8 @@ def _read_loop_load(model_dir: str) -> tuple[float, float] | None:
     path = os.path.join(model_dir, LOOP_LOAD) if model_dir else ""
     if not path or not os.path.isfile(path):
         return None
-    period_ms, busy_ms = (float(x) for x in open(path).read().split())
+    with open(path) as f:
+        period_ms, busy_ms = (float(x) for x in f.read().split())
     return period_ms, busy_ms
 
 
