@@ -38,7 +38,9 @@ import asyncio
 import os
 import tempfile
 import time
+from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -47,6 +49,8 @@ import gpu_serving  # noqa: E402 (bench/, beside this script)
 from bt_ray.config import load_config  # noqa: E402
 from bt_ray.inference.engine import GenerationRequest  # noqa: E402
 from bt_ray.inference.fake import LOOP_LOAD, FakeEngine  # noqa: E402
+
+T = TypeVar("T")
 
 
 def requests(n: int, latency_s: float) -> list[GenerationRequest]:
@@ -101,6 +105,27 @@ def bare_ray(reqs: list[GenerationRequest], concurrency: int) -> float:
         ray.kill(actor)
 
 
+async def watch_loop(work: Awaitable[T]) -> tuple[T, float]:
+    """Await `work` on this event loop beside a 1 ms heartbeat: its result and the loop's longest stall (s)."""
+    stall, done = 0.0, False
+
+    async def heartbeat():
+        nonlocal stall
+        while not done:
+            before = time.perf_counter()
+            await asyncio.sleep(0.001)
+            stall = max(stall, time.perf_counter() - before - 0.001)
+
+    beat = asyncio.create_task(heartbeat())
+    await asyncio.sleep(0.01)
+    try:
+        result = await work
+    finally:
+        done = True
+        await beat  # its last beat measures a stall that ended with `work`
+    return result, stall
+
+
 def render_stall(wave: int = 64, waves: int = 8) -> dict[str, tuple[float, float, float]]:
     """The vLLM replica's prompt rendering on the GPU bench's requests and tokenizer, `wave` requests
     arriving at once (as when a batch of 64 finishes together), `waves` times, on an event loop with a
@@ -127,25 +152,16 @@ def render_stall(wave: int = 64, waves: int = 8) -> dict[str, tuple[float, float
         return prompt_ids(tokenizer, messages)
 
     async def measure(render, reqs) -> tuple[float, float, float]:
-        stall, done = 0.0, False
+        async def wave() -> list[float]:
+            start = time.perf_counter()
 
-        async def heartbeat():
-            nonlocal stall
-            while not done:
-                before = time.perf_counter()
-                await asyncio.sleep(0.001)
-                stall = max(stall, time.perf_counter() - before - 0.001)
+            async def timed(messages) -> float:
+                await render(messages)
+                return time.perf_counter() - start
 
-        async def timed(messages) -> float:
-            await render(messages)
-            return time.perf_counter() - start
+            return await asyncio.gather(*(timed(r.messages) for r in reqs))
 
-        beat = asyncio.create_task(heartbeat())
-        await asyncio.sleep(0.01)
-        start = time.perf_counter()
-        ready = await asyncio.gather(*(timed(r.messages) for r in reqs))
-        done = True
-        await beat
+        ready, stall = await watch_loop(wave())
         return statistics.mean(ready), stall, max(ready)
 
     async def main() -> dict[str, tuple[float, float, float]]:

@@ -2,32 +2,22 @@
 request on, its event loop is held busy_ms of every period_ms, read from the model directory in a replica."""
 
 import asyncio
-import time
+import sys
+from pathlib import Path
 
 from bt_ray.inference.engine import GenerationRequest, SamplingParams
 from bt_ray.inference.fake import LOOP_LOAD, FakeEngine
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
 
 def longest_stall(engine: FakeEngine, seconds: float = 0.3) -> float:
     """The longest gap of a 1 ms heartbeat on the engine's loop while one request waits `seconds`."""
-    async def main() -> float:
-        stall, done = 0.0, False
+    from pool_overhead import watch_loop
 
-        async def heartbeat():
-            nonlocal stall
-            while not done:
-                before = time.perf_counter()
-                await asyncio.sleep(0.001)
-                stall = max(stall, time.perf_counter() - before - 0.001)
-
-        beat = asyncio.create_task(heartbeat())
-        request = GenerationRequest(({"role": "user", "content": f"fake-sleep:{seconds} hi"},), SamplingParams())
-        await engine.generate(request)
-        done = True
-        await beat
-        return stall
-
-    return asyncio.run(main())
+    request = GenerationRequest(({"role": "user", "content": f"fake-sleep:{seconds} hi"},), SamplingParams())
+    _, stall = asyncio.run(watch_loop(engine.generate(request)))
+    return stall
 
 
 def test_a_loop_load_holds_the_loop_and_none_does_not(tmp_path):
