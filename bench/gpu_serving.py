@@ -58,6 +58,7 @@ for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_USAG
 
 from bt_ray.config import load_config  # noqa: E402
 from bt_ray.inference.engine import GenerationRequest, SamplingParams  # noqa: E402
+from bt_ray.inference.engine_steps import EngineSteps, step_summary  # noqa: E402
 from bt_ray.synthetic import random_lora, read_config, words, write_config_only  # noqa: E402
 
 ARCH = Path(__file__).resolve().parent / "models" / "llama-3-8b.json"
@@ -114,7 +115,6 @@ def raw_vllm(config, model_dir: str, reqs: list[GenerationRequest], concurrency:
     from vllm.v1.engine.async_llm import AsyncLLM
 
     from bt_ray.inference.chat import prompt_ids
-    from bt_ray.inference.engine_steps import EngineSteps, step_summary
     from bt_ray.inference.renderer import PromptRenderer
     from bt_ray.inference.vllm_args import engine_kwargs, sampling_kwargs
 
@@ -222,11 +222,7 @@ def pool_arm(pool, reqs, concurrency: int, warmup: int, adapter: str | None) -> 
         done = list(threads.map(timed, tagged))
         wall = time.perf_counter() - start
         after = replica_counters(pool)
-    steps = None
-    if after["engine_steps"] is not None:
-        from bt_ray.inference.engine_steps import step_summary
-
-        steps = step_summary(before["engine_steps"], after["engine_steps"])
+    steps = None if after["engine_steps"] is None else step_summary(before["engine_steps"], after["engine_steps"])
     return summary(sum(r.completion_tokens for r, _ in done), wall, [latency for _, latency in done], concurrency,
                    render_s=after["render_s"] - before["render_s"],
                    inside_s=after["generate_s"] - before["generate_s"], engine_steps=steps)

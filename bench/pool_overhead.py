@@ -48,7 +48,7 @@ import gpu_serving  # noqa: E402 (bench/, beside this script)
 
 from bt_ray.config import load_config  # noqa: E402
 from bt_ray.inference.engine import GenerationRequest  # noqa: E402
-from bt_ray.inference.fake import LOOP_LOAD, FakeEngine  # noqa: E402
+from bt_ray.inference.fake import FakeEngine, write_loop_load  # noqa: E402
 
 T = TypeVar("T")
 
@@ -202,8 +202,7 @@ def main() -> None:
     loop_load = tuple(float(x) for x in args.loop_load.split(",")) if args.loop_load else None
     model_dir = tempfile.mkdtemp(prefix="bt-ray-overhead-")  # the FakeEngine's: no model, maybe a loop load
     if loop_load:
-        with open(os.path.join(model_dir, LOOP_LOAD), "w") as f:
-            f.write(" ".join(map(str, loop_load)))
+        write_loop_load(model_dir, *loop_load)
     ray.init(include_dashboard=False, log_to_driver=False)
     config = load_config(None, ["inference.engine=fake", f"inference.replicas={args.replicas}",
                                 "inference.cpus_per_replica=0.5", f"output_dir={tempfile.mkdtemp()}"])

@@ -15,7 +15,7 @@ from typing import Any
 
 
 class EngineSteps:
-    def __init__(self, vllm_config: Any = None, engine_index: int = 0):
+    def __init__(self) -> None:
         self.steps = 0
         self.running = 0  # summed over steps: requests running after each step
         self.waiting = 0  # summed over steps: requests queued in vLLM after each step
@@ -54,11 +54,9 @@ class EngineSteps:
     def log(self) -> None:
         pass
 
-    def record_sleep_state(self, is_awake: int, level: int) -> None:
-        self.pause()
-
     def pause(self) -> None:
-        """The engine stops stepping (sleep): the time until its next step is not a step's time."""
+        """The engine stops stepping (VLLMEngine.sleep; vLLM's adapter around this logger does not pass on
+        its sleep state): the time until its next step is not a step's time."""
         self._last = None
 
     def snapshot(self) -> dict[str, float]:

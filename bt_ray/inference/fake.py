@@ -102,6 +102,12 @@ async def _keep_busy(period_ms: float, busy_ms: float) -> None:
         await asyncio.sleep(max(0.0, period_ms - busy_ms) / 1e3)
 
 
+def write_loop_load(model_dir: str, period_ms: float, busy_ms: float) -> None:
+    """Make the FakeEngines started on `model_dir` keep their loops busy (the file `fake-loop-load`)."""
+    with open(os.path.join(model_dir, LOOP_LOAD), "w") as f:
+        f.write(f"{period_ms} {busy_ms}")
+
+
 def _read_loop_load(model_dir: str) -> tuple[float, float] | None:
     path = os.path.join(model_dir, LOOP_LOAD) if model_dir else ""
     if not path or not os.path.isfile(path):

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from bt_ray.inference.engine import GenerationRequest, SamplingParams
-from bt_ray.inference.fake import LOOP_LOAD, FakeEngine
+from bt_ray.inference.fake import FakeEngine, write_loop_load
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
@@ -21,7 +21,7 @@ def longest_stall(engine: FakeEngine, seconds: float = 0.3) -> float:
 
 
 def test_a_loop_load_holds_the_loop_and_none_does_not(tmp_path):
-    (tmp_path / LOOP_LOAD).write_text("10 6")
+    write_loop_load(str(tmp_path), 10, 6)
     loaded = FakeEngine(model_dir=str(tmp_path))
     assert loaded.loop_load == (10.0, 6.0)
     held = longest_stall(loaded)
