@@ -291,7 +291,7 @@ def summary(tokens: int, wall: float, latencies: list[float], concurrency: int, 
     return {"generated_tokens": tokens, "wall_s": round(wall, 2), "tokens_per_s": round(tokens / wall, 1),
             "requests_per_s": round(n / wall, 2),
             "latency_s": {"p50": at(0.5), "p90": at(0.9), "max": round(ranked[-1], 3)},
-            "per_request_s": {name: round(value, 4) for name, value in parts.items()},
+            "per_request_s": {name: round(value, 6) for name, value in parts.items()},
             **({} if engine_steps is None else {"engine_steps": engine_steps})}
 
 
