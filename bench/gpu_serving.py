@@ -4,7 +4,8 @@ Llama-3-8B's architecture (bench/models/llama-3-8b.json) with random weights (vL
 load_format="dummy"): real shapes and real kernels, no download. Every arm gets the same
 requests (a 600-token prefix shared by all, as a candidate program's instructions + demos,
 then 100 tokens of its own), greedy, 128 new tokens, the same engine arguments
-(bt_ray.inference.vllm_args.engine_kwargs) and --concurrency requests in flight:
+(bt_ray.inference.vllm_args.engine_kwargs; CUDA graphs up to --capture-size tokens per step, as
+the GPU configs' engines) and --concurrency requests in flight:
 
   (a)  raw       vLLM AsyncLLM in this process, token-id prompts rendered before the clock starts
   (a+) queued    (a) with a quarter more requests in flight than vLLM runs at once, as (b+)
@@ -70,6 +71,12 @@ RATIOS = {"bt_ray_vs_raw": ("bt_ray", "raw"), "lora_vs_base": ("lora", "bt_ray")
 
 
 SWITCH_INTERVAL_S = 0.001  # arm (b~)
+# Largest engine step run as a CUDA graph, as the GPU configs' engines get it (max_batch_size 256: vLLM's
+# default, 2 x max_num_seqs up to 512). At 64 in flight vLLM's default would be 128: a step of 63 decodes
+# plus one new request's 100 uncached prompt tokens would then run without graphs. (a) sends each wave's
+# requests together, so its steps are prefill-only or decode-only; requests that reach the engine a few
+# steps apart, as through any serving path, make such mixed steps the common case.
+CAPTURE_SIZE = 512
 
 
 def queued(concurrency: int) -> int:
@@ -85,16 +92,17 @@ def requests(n: int, prefix: int = 600, own: int = 100, system_first: int = 1000
                               SAMPLING, request_id=f"r{i}") for i in range(n)]
 
 
-def run_config(model_dir: str, concurrency: int, max_model_len: int, eager: bool, step_stats: bool = False):
+def run_config(model_dir: str, concurrency: int, max_model_len: int, eager: bool, step_stats: bool = False,
+               capture_size: int = CAPTURE_SIZE):
+    graphs = [] if eager or not capture_size else [f"inference.vllm.max_cudagraph_capture_size={capture_size}"]
     return load_config(None, [
         f"model.name={model_dir}", "placement.mode=split", "train.use_gpu=true", "inference.engine=vllm",
         "inference.replicas=1", "inference.gpus_per_replica=1", "inference.cpus_per_replica=2",
-        # max_num_seqs = the requests in flight: vLLM captures CUDA graphs up to twice that (not up to 512),
-        # which took 32 s of each engine start on an H200
+        # max_num_seqs = the requests in flight (full decode CUDA graphs are captured up to it)
         f"inference.max_batch_size={concurrency}", "inference.vllm.load_format=dummy",
         "inference.vllm.max_lora_rank=32", f"inference.vllm.max_model_len={max_model_len}",
         f"inference.vllm.enforce_eager={str(eager).lower()}", "inference.vllm.gpu_memory_utilization=0.85",
-        f"inference.vllm.step_stats={str(step_stats).lower()}", "inference.request_timeout_s=900"])
+        f"inference.vllm.step_stats={str(step_stats).lower()}", "inference.request_timeout_s=900", *graphs])
 
 
 # ---------------------------------------------------------------- (a) raw vLLM
@@ -303,6 +311,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=32)
     parser.add_argument("--eager", action="store_true", help="no CUDA graphs or compilation (faster start)")
+    parser.add_argument("--capture-size", type=int, default=CAPTURE_SIZE,
+                        help="largest engine step (tokens) run as a CUDA graph, in every arm (the GPU configs' "
+                             "value); 0 = vLLM's default for --concurrency (2 x it, at most 512)")
     parser.add_argument("--step-stats", action="store_true",
                         help="count the engine's steps in every arm (vLLM's stat logging on, in each arm alike)")
     parser.add_argument("--json", help="also write the results to this file")
@@ -315,11 +326,12 @@ def main() -> None:
     model_dir = str(write_config_only(work / "llama-3-8b", arch))
     adapter_dir = str(random_lora(work / "lora-r32-qk", arch, rank=32))
     config = run_config(model_dir, args.concurrency, max_model_len=2048, eager=args.eager,
-                        step_stats=args.step_stats)
+                        step_stats=args.step_stats, capture_size=args.capture_size)
     reqs = requests(args.requests)
     results = {"gpu": torch.cuda.get_device_name(0), "model": "Llama-3-8B shapes, dummy weights, bf16",
                "requests": args.requests, "concurrency": args.concurrency, "prompt_tokens": "600 shared + 100 own",
-               "max_tokens": SAMPLING.max_tokens, "eager": args.eager, "step_stats": args.step_stats}
+               "max_tokens": SAMPLING.max_tokens, "eager": args.eager, "step_stats": args.step_stats,
+               "max_cudagraph_capture_size": config.inference.vllm.max_cudagraph_capture_size}
     labels = {"raw": "(a)  raw vLLM        ", "raw_queued": "(a+) + 25% queued    ",
               "raw_rendered": "(a2) + rendering     ",
               "bt_ray": "(b)  bt-ray replica  ", "bt_ray_switch": "(b~) + GIL switch 1ms",

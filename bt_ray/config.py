@@ -76,6 +76,9 @@ class VLLMConfig:
     load_format: Literal["auto", "safetensors", "dummy"] = opt(
         "auto", "how weights load; dummy = random weights of the right shapes (benchmarks only)")
     enforce_eager: bool = opt(False, "no CUDA graphs: faster start, slower decoding")
+    max_cudagraph_capture_size: int | None = opt(
+        None, "largest engine step (tokens) run as a CUDA graph (None = vLLM's default: 2 x max_batch_size, at "
+        "most 512); a step above it, e.g. decodes plus a new prompt's tokens, runs without graphs")
     step_stats: bool = opt(False, "count the engine's steps (requests running per step, ms per step, steps "
                            "finishing a prefill) in the replicas' health; turns on vLLM's stat logging "
                            "(a little CPU per step)")
@@ -397,6 +400,12 @@ def _validate_vllm(config: RunConfig) -> list[str]:
         problems.append(f"inference.vllm.gpu_memory_utilization: must be in (0, 1], got {v.gpu_memory_utilization}")
     if v.max_model_len is not None and v.max_model_len < 1:
         problems.append(f"inference.vllm.max_model_len: must be >= 1 or null, got {v.max_model_len}")
+    if v.max_cudagraph_capture_size is not None and v.max_cudagraph_capture_size < 1:
+        problems.append(f"inference.vllm.max_cudagraph_capture_size: must be >= 1 or null, got "
+                        f"{v.max_cudagraph_capture_size}")
+    elif v.max_cudagraph_capture_size is not None and v.enforce_eager:
+        problems.append("inference.vllm.max_cudagraph_capture_size: inference.vllm.enforce_eager=true captures no "
+                        "CUDA graphs; set one of them (max_cudagraph_capture_size=null or enforce_eager=false)")
     if v.sleep_level == 2:
         problems.append("inference.vllm.sleep_level: 2 does not work with LoRA adapters in vLLM 0.26 (vLLM issue "
                         "#39934: its weight reload fails on LoRA-wrapped layers); set 1")

@@ -8,7 +8,7 @@
 #   STEPS=serving,train,tests ...             # steps run in the order given (the ones that matter most first)
 #   WHEELS=/data/parts PYTHON=/opt/torch/bin/python3 bash scripts/gpu_check.sh
 #   TESTS=tests/gpu/test_vllm_adapters.py STEPS=tests bash scripts/gpu_check.sh   # some test files only
-# Also: TEST_TIMEOUT (420 s, all tests), TEST_CASE_TIMEOUT (240 s, one test), SERVING_TIMEOUT (480: two 8B
+# Also: TEST_TIMEOUT (420 s, all tests), TEST_CASE_TIMEOUT (240 s, one test), SERVING_TIMEOUT (540: two 8B
 # engine starts, ~150 s each on a fresh H200), TRAIN_TIMEOUT (150), TRAIN8B_TIMEOUT (240),
 # SERVING_ARGS / TRAIN_ARGS / TRAIN8B_ARGS (bench flags; SERVING_ARGS is --step-stats unless set, and
 # SERVING_ARGS= runs the serving bench with vLLM's stat logging off).
@@ -151,7 +151,7 @@ run_tests() {
 # bench/gpu_serving.py writes its JSON after every arm, so a timeout keeps the arms that finished.
 run_serving() {
   step "bench/gpu_serving.py"
-  if timeout "${SERVING_TIMEOUT:-480}" "$PY" bench/gpu_serving.py ${SERVING_ARGS---step-stats} --json "$RESULTS/bench_serving.json"; then record bench_serving ok
+  if timeout "${SERVING_TIMEOUT:-540}" "$PY" bench/gpu_serving.py ${SERVING_ARGS---step-stats} --json "$RESULTS/bench_serving.json"; then record bench_serving ok
   else record bench_serving "failed (rc $?)"; fi
 }
 run_train() {

@@ -39,6 +39,8 @@ def engine_kwargs(config: InferenceConfig, model_dir: str, dtype: str = "auto") 
     }
     if v.max_model_len is not None:
         kwargs["max_model_len"] = v.max_model_len
+    if v.max_cudagraph_capture_size is not None:
+        kwargs["max_cudagraph_capture_size"] = v.max_cudagraph_capture_size
     if v.tensor_parallel_size > 1:
         # Worker processes on the GPUs Ray gave this actor; vLLM's own Ray executor would
         # try to place workers in the cluster a second time.

@@ -52,3 +52,21 @@ def test_raw_arms_report_in_order_and_send_the_same_prompts(fake_vllm, monkeypat
     expected = [prompt_ids(tokenizer, r.messages) for r in reqs]
     assert sorted(sent[:14]) == sorted(sent[26:]) == sorted(expected[:2] + expected)
     assert sorted(sent[14:26]) == sorted(expected)
+
+
+def test_every_arm_captures_cuda_graphs_up_to_the_gpu_configs_step_size(tmp_path):
+    """At 64 in flight vLLM's default would graph steps up to 128 tokens only; the bench's engines graph up to
+    --capture-size (512, what max_batch_size 256 gives the GPU configs), and --eager or 0 leave vLLM's choice."""
+    import gpu_serving
+
+    from bt_ray.inference.vllm_args import engine_kwargs
+
+    def captured(**options):
+        config = gpu_serving.run_config(str(tmp_path), 64, max_model_len=2048, **options)
+        return engine_kwargs(config.inference, str(tmp_path)).get("max_cudagraph_capture_size")
+
+    assert captured(eager=False) == gpu_serving.CAPTURE_SIZE == 512
+    assert captured(eager=False, capture_size=256) == 256
+    assert captured(eager=False, capture_size=0) is None and captured(eager=True) is None
+    gpu = load_config(Path(__file__).resolve().parents[2] / "configs" / "gpu.yaml", [])
+    assert min(2 * gpu.inference.max_batch_size, 512) == gpu_serving.CAPTURE_SIZE  # vLLM's default there

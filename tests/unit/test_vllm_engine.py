@@ -32,6 +32,9 @@ def test_engine_kwargs_carry_lora_limits_and_parallelism_from_config():
     tp = engine_kwargs(InferenceConfig(vllm=VLLMConfig(tensor_parallel_size=2, sleep_level=0)), "/m", "float16")
     assert (tp["tensor_parallel_size"], tp["distributed_executor_backend"], tp["dtype"]) == (2, "mp", "float16")
     assert not tp["enable_sleep_mode"] and "max_model_len" not in tp
+    assert "max_cudagraph_capture_size" not in kwargs  # vLLM's default: 2 x max_num_seqs, at most 512
+    graphs = engine_kwargs(InferenceConfig(vllm=VLLMConfig(max_cudagraph_capture_size=512)), "/m")
+    assert graphs["max_cudagraph_capture_size"] == 512
 
 
 def test_sampling_maps_dspy_settings_and_stops_at_the_completion_marker():
@@ -123,6 +126,9 @@ def test_adapter_rank_checked_against_max_lora_rank(tmp_path):
     (["train.lora_rank=64"], "inference.vllm.max_lora_rank: 32 is below train.lora_rank=64.*raise it to 64"),
     (["inference.gpus_per_replica=2"], "inference.gpus_per_replica: the vllm engine.*set inference.gpus_per_replica=1"),
     (["inference.vllm.gpu_memory_utilization=1.5"], "inference.vllm.gpu_memory_utilization: must be in"),
+    (["inference.vllm.max_cudagraph_capture_size=0"], "inference.vllm.max_cudagraph_capture_size: must be >= 1"),
+    (["inference.vllm.max_cudagraph_capture_size=512", "inference.vllm.enforce_eager=true"],
+     "enforce_eager=true captures no CUDA graphs; set one of them"),
 ])
 def test_vllm_config_problems_name_the_key_and_the_fix(overrides, message):
     with pytest.raises(ConfigError, match=message):
