@@ -28,7 +28,8 @@ Prints generated tokens/s of each and the ratios b/a and c/b, measured in this r
 does the replica's rendering in-process), b~/a, b+/a+, each arm's request latencies (p50, p90, max
 seconds from being sent to the answer), where each request's share of the wall time went
 (`per_request_s`, below), with --step-stats what the engine did per step (`engine_steps`: requests
-running, generated tokens, ms, share of steps finishing a prefill; bt_ray/inference/engine_steps.py)
+running, generated tokens, ms, share of steps finishing a prefill, share run as a full CUDA graph, as
+piecewise graphs or without graphs, tokens computed; bt_ray/inference/engine_steps.py)
 and each engine's start-up seconds
 (engine_start_s: AsyncLLM.from_engine_args for (a), InferencePool.start for (b) and (c)).
 With --json the results file is rewritten as each arm finishes, so a run cut short keeps

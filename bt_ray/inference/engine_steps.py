@@ -6,12 +6,19 @@ frontend calls `record` once per engine step it hears from, with the scheduler's
 whose prefill finished). Throughput = generated tokens per step / seconds per step, so two runs that
 differ in tokens/s differ in one of those: fewer requests running per step (requests arrive late: the
 path to the engine) or longer steps (e.g. more steps that mix prefill with decoding).
+
+With vLLM's cudagraph_metrics on (engine_kwargs turns it on with step_stats), each step also says how it
+ran: as one full CUDA graph (decode-only steps), as piecewise graphs, or without graphs (more tokens than
+the largest captured size, inference.vllm.max_cudagraph_capture_size), and how many tokens it computed.
 """
 
 from __future__ import annotations
 
 import time
 from typing import Any
+
+
+GRAPH_MODES = {"FULL": "full", "PIECEWISE": "piecewise", "NONE": "eager"}  # vLLM's CUDAGraphStat.runtime_mode
 
 
 class EngineSteps:
@@ -24,6 +31,8 @@ class EngineSteps:
         self.prefill_steps = 0  # steps in which some request's prefill finished
         self.busy_s = 0.0  # time from a step with requests running to the next step
         self.busy_steps = 0  # the steps busy_s spans
+        self.graph_steps = dict.fromkeys(GRAPH_MODES.values(), 0)  # steps by how they ran (vLLM's cudagraph_metrics)
+        self.step_tokens = 0  # tokens computed, summed over the steps in graph_steps
         self._last: tuple[float, int] | None = None  # (when, requests running) of the step before
 
     def __call__(self, vllm_config: Any, engine_index: int = 0) -> "EngineSteps":
@@ -43,6 +52,10 @@ class EngineSteps:
         self.steps += 1
         self.running += scheduler_stats.num_running_reqs
         self.waiting += scheduler_stats.num_waiting_reqs
+        graph = getattr(scheduler_stats, "cudagraph_stats", None)
+        if graph is not None:
+            self.graph_steps[GRAPH_MODES.get(str(graph.runtime_mode), "eager")] += 1
+            self.step_tokens += graph.num_unpadded_tokens
         if self._last is not None and self._last[1] > 0:
             self.busy_s += now - self._last[0]
             self.busy_steps += 1
@@ -62,16 +75,22 @@ class EngineSteps:
     def snapshot(self) -> dict[str, float]:
         return {"steps": self.steps, "running": self.running, "waiting": self.waiting,
                 "generated_tokens": self.generated_tokens, "prompt_tokens": self.prompt_tokens,
-                "prefill_steps": self.prefill_steps, "busy_s": self.busy_s, "busy_steps": self.busy_steps}
+                "prefill_steps": self.prefill_steps, "busy_s": self.busy_s, "busy_steps": self.busy_steps,
+                **{f"{mode}_steps": n for mode, n in self.graph_steps.items()}, "step_tokens": self.step_tokens}
 
 
 def step_summary(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     """Per step, between two snapshots: requests running and waiting, generated tokens, ms, and the share of
-    steps that finished some prefill."""
+    steps that finished some prefill; where vLLM said how steps ran, the share run as a full CUDA graph, as
+    piecewise graphs and without graphs (`graphs`), and the tokens each computed (`step_tokens`)."""
     diff = {key: after[key] - before[key] for key in after}
     steps = diff["steps"] or 1
+    graphed = sum(diff[f"{mode}_steps"] for mode in GRAPH_MODES.values())
+    graphs = {} if not graphed else {
+        "graphs": {mode: round(diff[f"{mode}_steps"] / graphed, 3) for mode in GRAPH_MODES.values()},
+        "step_tokens": round(diff["step_tokens"] / graphed, 1)}
     return {"steps": int(diff["steps"]), "running": round(diff["running"] / steps, 2),
             "waiting": round(diff["waiting"] / steps, 2),
             "tokens_per_step": round(diff["generated_tokens"] / steps, 2),
             "step_ms": round(1000 * diff["busy_s"] / (diff["busy_steps"] or 1), 3),
-            "prefill_share": round(diff["prefill_steps"] / steps, 3)}
+            "prefill_share": round(diff["prefill_steps"] / steps, 3), **graphs}

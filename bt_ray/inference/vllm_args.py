@@ -39,6 +39,8 @@ def engine_kwargs(config: InferenceConfig, model_dir: str, dtype: str = "auto") 
     }
     if v.max_model_len is not None:
         kwargs["max_model_len"] = v.max_model_len
+    if v.step_stats:  # each step also says how it ran (CUDA graph mode, tokens): engine_steps.EngineSteps
+        kwargs["cudagraph_metrics"] = True
     if v.max_cudagraph_capture_size is not None:
         kwargs["max_cudagraph_capture_size"] = v.max_cudagraph_capture_size
     if v.tensor_parallel_size > 1:

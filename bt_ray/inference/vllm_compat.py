@@ -10,7 +10,7 @@ vLLM is computed by the pure functions of `vllm_args.py`.
 - Every adapter version is added under a new name and a new integer id (`AdapterIds`), on
   top of the base model, which keeps serving: `add_lora` does not pause other requests.
 - With inference.vllm.step_stats, an `EngineSteps` stat logger counts the engine's steps (health's
-  `engine_steps`: requests running per step, time per step).
+  `engine_steps`: requests running per step, time per step, CUDA graph mode per step).
 - sleep/wake use vLLM's sleep mode (placement timeshare): level 1 moves the weights (and the
   LoRA slots) to CPU memory and drops the KV cache. Level 2 is refused: in vLLM 0.26 it breaks
   with LoRA enabled (vLLM issue #39934, see `VLLMEngine.__init__`).

@@ -34,7 +34,9 @@ def test_engine_kwargs_carry_lora_limits_and_parallelism_from_config():
     assert not tp["enable_sleep_mode"] and "max_model_len" not in tp
     assert "max_cudagraph_capture_size" not in kwargs  # vLLM's default: 2 x max_num_seqs, at most 512
     graphs = engine_kwargs(InferenceConfig(vllm=VLLMConfig(max_cudagraph_capture_size=512)), "/m")
-    assert graphs["max_cudagraph_capture_size"] == 512
+    assert graphs["max_cudagraph_capture_size"] == 512 and "cudagraph_metrics" not in graphs
+    counted = engine_kwargs(InferenceConfig(vllm=VLLMConfig(step_stats=True)), "/m")
+    assert counted["cudagraph_metrics"]  # each step says how it ran, for engine_steps
 
 
 def test_sampling_maps_dspy_settings_and_stops_at_the_completion_marker():
