@@ -143,21 +143,26 @@ def reserve(bundles: list[dict[str, float]], name: str, timeout_s: float, what: 
     """A placement group for `bundles`, or ResourceError (naming `what` and ending with `fix`) if the
     cluster cannot place it in `timeout_s`. Ray would otherwise wait forever for a group that never fits.
     """
-    import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
     group = placement_group(bundles, strategy="PACK", name=name)
     if group.wait(timeout_seconds=timeout_s):
         return group
     remove_placement_group(group)
+    raise ResourceError(f"could not place {what} within placement.timeout_s={timeout_s:g}s: {shortage(bundles)} {fix}")
+
+
+def shortage(bundles: list[dict[str, float]]) -> str:
+    """What was asked for and what the Ray cluster has, in total and free."""
+    import ray
+
     asked: dict[str, float] = {}
     for bundle in bundles:
         for key, value in bundle.items():
             asked[key] = asked.get(key, 0.0) + value
-    raise ResourceError(
-        f"could not place {what} within placement.timeout_s={timeout_s:g}s: asked for {len(bundles)} x "
-        f"{{{_fmt(bundles[0])}}} = {_fmt(asked)}; the Ray cluster has {_fmt(_plain(ray.cluster_resources()))} in "
-        f"total and {_fmt({k: _plain(ray.available_resources()).get(k, 0.0) for k in asked})} free. {fix}")
+    return (f"asked for {len(bundles)} x {{{_fmt(bundles[0])}}} = {_fmt(asked)}; the Ray cluster has "
+            f"{_fmt(_plain(ray.cluster_resources()))} in total and "
+            f"{_fmt({k: _plain(ray.available_resources()).get(k, 0.0) for k in asked})} free.")
 
 
 def release(group: Any) -> None:

@@ -32,7 +32,7 @@ from typing import Any
 
 from bt_ray import storage
 from bt_ray.config import TrainConfig
-from bt_ray.errors import TrainingError
+from bt_ray.errors import ResourceError, TrainingError
 from bt_ray.state import EXECUTION_ONLY
 from bt_ray.train.data import (IGNORE, TokenizedExample, TrainData, pad_id_of, plan_epoch, steps_per_epoch,
                                tokenize)
@@ -167,10 +167,15 @@ def _check_placeable(config: TrainConfig, resources: dict[str, float], name: str
     from bt_ray.inference import placement
 
     bundles = [resources] * config.num_workers
-    group = placement.reserve(bundles, f"{name}-train-check", timeout_s, f"{config.num_workers} LoRA training "
-                              f"worker(s) for {name!r}", fix="Lower train.num_workers or train.cpus_per_worker, "
-                              "wait for other jobs to free the cluster, or add nodes.")
+    group = placement.reserve(bundles, f"{name}-train-check", timeout_s, _workers(config, name), fix=TRAIN_FIX)
     placement.release(group)
+
+
+TRAIN_FIX = "Lower train.num_workers or train.cpus_per_worker, wait for other jobs to free the cluster, or add nodes."
+
+
+def _workers(config: TrainConfig, name: str) -> str:
+    return f"{config.num_workers} LoRA training worker(s) for {name!r}"
 
 
 def startup_retries(timeout_s: float) -> int:
@@ -185,8 +190,10 @@ def _fit(loop_config: dict, config: TrainConfig, output_dir: str, name: str, res
     from ray.exceptions import RayError
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError  # ray is pinned (pyproject)
+    from ray.train.v2.api.exceptions import ControllerError
 
-    from bt_ray.inference.placement import ACTOR_ENV
+    from bt_ray.inference import placement
 
     # Ray Train's controller takes a worker's report (one at a time) when it polls, every 2 s by default;
     # each epoch's checkpoint and the end of fit() waited for a poll (measured: 4.8 s of a tiny 5-epoch
@@ -201,12 +208,23 @@ def _fit(loop_config: dict, config: TrainConfig, output_dir: str, name: str, res
                              failure_config=FailureConfig(max_failures=config.max_failures,
                                                           controller_failure_limit=startup_retries(timeout_s)),
                              checkpoint_config=CheckpointConfig(num_to_keep=1),
-                             worker_runtime_env={"env_vars": dict(ACTOR_ENV)}))
+                             worker_runtime_env={"env_vars": dict(placement.ACTOR_ENV)}))
     try:
         return trainer.fit()
+    except ControllerError as exc:
+        if not isinstance(exc.controller_failure, WorkerGroupStartupTimeoutError):
+            raise TrainingError(_failed(config, name, resources, exc)) from exc
+        # _check_placeable found room, then another job took it before Ray Train placed the workers
+        raise ResourceError(f"Ray Train could not start {_workers(config, name)} within placement.timeout_s="
+                            f"{timeout_s:g}s: {placement.shortage([resources] * config.num_workers)} "
+                            f"{TRAIN_FIX}") from exc
     except (TrainingFailedError, RayError) as exc:
-        raise TrainingError(f"LoRA fine-tuning {name!r} failed ({config.num_workers} worker(s) x {resources}, "
-                            f"train.max_failures={config.max_failures}): {_short(exc)}. {_LOGS_HINT}") from exc
+        raise TrainingError(_failed(config, name, resources, exc)) from exc
+
+
+def _failed(config: TrainConfig, name: str, resources: dict[str, float], exc: BaseException) -> str:
+    return (f"LoRA fine-tuning {name!r} failed ({config.num_workers} worker(s) x {resources}, "
+            f"train.max_failures={config.max_failures}): {_short(exc)}. {_LOGS_HINT}")
 
 
 def _short(exc: BaseException) -> str:

@@ -115,8 +115,7 @@ def test_a_worker_failure_without_retries_raises_training_error(ray_cluster, mod
 def test_workers_the_cluster_cannot_place_fail_in_time_naming_what_was_asked(ray_cluster, model_dir, tmp_path):
     from bt_ray.inference import placement
 
-    free = ray_cluster.available_resources()["CPU"]
-    held = placement.reserve([{"CPU": free}], "someone-else", 30.0, "the other job")  # another job holds every CPU
+    held = hold_free_cpus(ray_cluster)
     try:
         started = time.monotonic()
         with pytest.raises(ResourceError) as err:
@@ -127,3 +126,38 @@ def test_workers_the_cluster_cannot_place_fail_in_time_naming_what_was_asked(ray
     message = str(err.value)
     assert "1 LoRA training worker(s) for 'crowded'" in message and "placement.timeout_s=2s" in message
     assert "1 x {1 CPU}" in message and "0 CPU free" in message and "train.num_workers" in message
+
+
+def test_workers_taken_between_the_check_and_ray_trains_start_fail_naming_what_was_asked(
+        ray_cluster, model_dir, tmp_path, monkeypatch):
+    """The race the check cannot close: it finds room and gives it back, another job takes it, and Ray Train's
+    own worker group then waits. Ray Train gives up after its start attempts (as many as fit in
+    placement.timeout_s) and that ends as a ResourceError too, not as Ray Train's generic controller error."""
+    from bt_ray.inference import placement
+    from bt_ray.train import trainer
+
+    monkeypatch.setattr(trainer, "_check_placeable", lambda *args: None)  # room at the check, gone at fit()
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "2")  # one 2 s start attempt
+    held = hold_free_cpus(ray_cluster)
+    try:
+        with pytest.raises(ResourceError) as err:
+            train_lora(examples(), small_config(), model_dir, str(tmp_path), "raced", placement_timeout_s=2.0)
+    finally:
+        placement.release(held)
+    message = str(err.value)
+    assert message.startswith("Ray Train could not start 1 LoRA training worker(s) for 'raced' within "
+                              "placement.timeout_s=2s")
+    assert "1 x {1 CPU}" in message and "0 CPU free" in message and "train.num_workers" in message
+    assert type(err.value.__cause__).__name__ == "ControllerError"
+
+
+def hold_free_cpus(ray_cluster):
+    """Another job holds every free CPU (a placement group). Released resources (an earlier test's) come
+    back to available_resources a moment later: wait for them."""
+    from bt_ray.inference import placement
+
+    deadline = time.monotonic() + 30
+    while not ray_cluster.available_resources().get("CPU") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return placement.reserve([{"CPU": ray_cluster.available_resources()["CPU"]}], "someone-else", 30.0,
+                             "the other job")
