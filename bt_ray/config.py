@@ -80,8 +80,8 @@ class VLLMConfig:
         None, "largest engine step (tokens) run as a CUDA graph (None = vLLM's default: 2 x max_batch_size, at "
         "most 512); a step above it, e.g. decodes plus a new prompt's tokens, runs without graphs")
     step_stats: bool = opt(False, "count the engine's steps (requests running per step, ms per step, steps "
-                           "finishing a prefill, CUDA graph mode) in the replicas' health; turns on vLLM's stat logging "
-                           "and cudagraph_metrics (a little CPU per step)")
+                           "finishing a prefill, CUDA graph mode) in the replicas' health; turns on vLLM's stat "
+                           "logging and cudagraph_metrics (a little CPU per step)")
 
 
 @dataclass
