@@ -191,7 +191,6 @@ def _fit(loop_config: dict, config: TrainConfig, output_dir: str, name: str, res
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError  # ray is pinned (pyproject)
-    from ray.train.v2.api.exceptions import ControllerError
 
     from bt_ray.inference import placement
 
@@ -211,20 +210,14 @@ def _fit(loop_config: dict, config: TrainConfig, output_dir: str, name: str, res
                              worker_runtime_env={"env_vars": dict(placement.ACTOR_ENV)}))
     try:
         return trainer.fit()
-    except ControllerError as exc:
-        if not isinstance(exc.controller_failure, WorkerGroupStartupTimeoutError):
-            raise TrainingError(_failed(config, name, resources, exc)) from exc
-        # _check_placeable found room, then another job took it before Ray Train placed the workers
-        raise ResourceError(f"Ray Train could not start {_workers(config, name)} within placement.timeout_s="
-                            f"{timeout_s:g}s: {placement.shortage([resources] * config.num_workers)} "
-                            f"{TRAIN_FIX}") from exc
     except (TrainingFailedError, RayError) as exc:
-        raise TrainingError(_failed(config, name, resources, exc)) from exc
-
-
-def _failed(config: TrainConfig, name: str, resources: dict[str, float], exc: BaseException) -> str:
-    return (f"LoRA fine-tuning {name!r} failed ({config.num_workers} worker(s) x {resources}, "
-            f"train.max_failures={config.max_failures}): {_short(exc)}. {_LOGS_HINT}")
+        if isinstance(getattr(exc, "controller_failure", None), WorkerGroupStartupTimeoutError):
+            # _check_placeable found room, then another job took it before Ray Train placed the workers
+            raise ResourceError(f"Ray Train could not start {_workers(config, name)} within placement.timeout_s="
+                                f"{timeout_s:g}s: {placement.shortage([resources] * config.num_workers)} "
+                                f"{TRAIN_FIX}") from exc
+        raise TrainingError(f"LoRA fine-tuning {name!r} failed ({config.num_workers} worker(s) x {resources}, "
+                            f"train.max_failures={config.max_failures}): {_short(exc)}. {_LOGS_HINT}") from exc
 
 
 def _short(exc: BaseException) -> str:
