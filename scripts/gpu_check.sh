@@ -111,9 +111,10 @@ if [ ${#EXTRA_SETS[@]} -gt 0 ]; then
   fi
 fi
 
-# 3. What is importable, with versions (the tests need vllm, ray, dspy and pytest).
+# 3. What is importable, with versions (every step needs vllm, ray and dspy; the tests also pytest, so
+# STEPS=serving runs on the stack parts alone).
 step "preflight"
-"$PY" - "$RESULTS/preflight.json" <<'PY'
+"$PY" - "$RESULTS/preflight.json" "$STEPS" <<'PY'
 import importlib, importlib.util, json, sys
 import torch
 info = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -129,7 +130,7 @@ import bt_ray
 info["bt_ray"] = bt_ray.__file__
 json.dump(info, open(sys.argv[1], "w"), indent=2)
 print(json.dumps(info, indent=2))
-needed = ["vllm", "ray", "dspy", "pytest"]
+needed = ["vllm", "ray", "dspy"] + (["pytest"] if "tests" in sys.argv[2].split(",") else [])  # benches: no pytest
 bad = [n for n in needed if str(info[n]).startswith("missing")] + ([] if info["cuda_available"] else ["cuda"])
 sys.exit(f"preflight: not usable: {', '.join(bad)}" if bad else 0)
 PY
