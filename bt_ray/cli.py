@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                         "from the phases measured in DIR, e.g. configs/paper_table1.yaml")
     report.add_argument("--gpu-rates", nargs="+", metavar="BENCH_JSON", help="with --estimate: also price the "
                         "measured tokens at the GPU benchmarks' rates (the --json of bench/gpu_serving.py and "
-                        "bench/gpu_train.py), e.g. bench/results/h200-2026-11-27-run3-serving.json")
+                        "bench/gpu_train.py), e.g. bench/results/h200-2026-11-27-run4-serving.json")
     # key=value after a flag (`bt-ray run configs/iris.yaml --resume name=x`) is an override too.
     args, extra = parser.parse_known_args(argv)
     stray = [item for item in extra if item.startswith("-") or "=" not in item]

@@ -144,8 +144,11 @@ run_tests() {
     --timeout "${TEST_CASE_TIMEOUT:-240}" \
     --junitxml="$RESULTS/pytest-gpu.xml" 2>&1 | tee "$RESULTS/pytest-gpu.txt"
   rc=${PIPESTATUS[0]}
-  if [ "$rc" -eq 0 ]; then record tests "ok ($(tail -1 "$RESULTS/pytest-gpu.txt"))"
-  else record tests "failed (rc $rc): $(tail -1 "$RESULTS/pytest-gpu.txt")"; fi
+  # pytest's own last line ("7 passed in 301s"), not the log lines engines print at exit after it
+  result=$(grep -E '^=+ .*[0-9]+ (passed|failed|error|skipped|deselected).* in [0-9.]+s' "$RESULTS/pytest-gpu.txt" | tail -1)
+  result=${result:-$(tail -1 "$RESULTS/pytest-gpu.txt")}
+  if [ "$rc" -eq 0 ]; then record tests "ok ($result)"
+  else record tests "failed (rc $rc): $result"; fi
 }
 
 # The benchmarks (not tests: numbers for the README's performance section).

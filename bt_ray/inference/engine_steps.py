@@ -10,6 +10,8 @@ path to the engine) or longer steps (e.g. more steps that mix prefill with decod
 With vLLM's cudagraph_metrics on (engine_kwargs turns it on with step_stats), each step also says how it
 ran: as one full CUDA graph (decode-only steps), as piecewise graphs, or without graphs (more tokens than
 the largest captured size, inference.vllm.max_cudagraph_capture_size), and how many tokens it computed.
+Only vLLM's V1 model runner reports this: the V2 runner, vLLM 0.26's default for Llama-family models
+("Using V2 Model Runner" in its log), sends no cudagraph stats, and step_summary then leaves them out.
 """
 
 from __future__ import annotations

@@ -33,4 +33,11 @@ def loop():
     """One event loop per module: vLLM's AsyncLLM keeps its output task on the loop it first ran on."""
     loop = asyncio.new_event_loop()
     yield loop
+    # as asyncio.run ends: AsyncLLM.shutdown() only schedules its output task's cancel (the loop is not
+    # running then), so run the loop until every task has ended; closing it first logs "Event loop is closed"
+    tasks = asyncio.all_tasks(loop)
+    for task in tasks:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+    loop.run_until_complete(loop.shutdown_asyncgens())
     loop.close()
