@@ -81,7 +81,7 @@ else
 fi
 # Extra sets: every $WHEELS/extras* folder with a MANIFEST in it or in its parts (extras/, extras-more/).
 EXTRA_SETS=()
-for d in "$WHEELS"/extras*; do [ -n "$(find "$d" -maxdepth 2 -name MANIFEST)" ] && EXTRA_SETS+=("$d"); done
+for d in "$WHEELS"/extras*; do [ -d "$d" ] && [ -n "$(find "$d" -maxdepth 2 -name MANIFEST)" ] && EXTRA_SETS+=("$d"); done
 if [ ${#EXTRA_SETS[@]} -gt 0 ]; then
   EXTRA_WORK="$SITE-extras.wheels" extras_ok=1
   for d in "${EXTRA_SETS[@]}"; do
