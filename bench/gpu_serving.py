@@ -49,8 +49,9 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
@@ -203,9 +204,8 @@ def through_pool(config, model_dir: str, reqs: list[GenerationRequest], concurre
         report("bt_ray", base)
         # (b~): (b)'s cost (another system prompt: nothing of (b) cached), the replica's GIL handed over sooner
         fresh = requests(len(reqs), system_first=1000 + len(reqs[0].messages[0]["content"].split()))
-        default = set_switch_interval(pool, SWITCH_INTERVAL_S)
-        report("bt_ray_switch", pool_arm(pool, fresh, concurrency, warmup, None))
-        set_switch_interval(pool, default)
+        with switch_interval(pool, SWITCH_INTERVAL_S):
+            report("bt_ray_switch", pool_arm(pool, fresh, concurrency, warmup, None))
         report("bt_ray_queued", pool_arm(pool, reqs, queued(concurrency), warmup, None))
         pool.load_adapter("bench-v1", adapter_dir)
         lora = pool_arm(pool, reqs, concurrency, warmup, "bench-v1")
@@ -237,11 +237,13 @@ def pool_arm(pool, reqs, concurrency: int, warmup: int, adapter: str | None) -> 
                    inside_s=after["generate_s"] - before["generate_s"], engine_steps=steps)
 
 
-def set_switch_interval(pool, seconds: float) -> float:
+@contextmanager
+def switch_interval(pool, seconds: float) -> Iterator[None]:
     """Python's GIL switch interval (sys.setswitchinterval) in every replica process, through Ray's
-    `__ray_call__`; returns the one before (Python's default: 5 ms). While the replica's event loop runs
-    Python (vLLM's output processing at every engine step), Ray's threads in that process wait for the GIL
-    up to this long each time they need it (a request arriving, an answer leaving)."""
+    `__ray_call__`, for the `with` block; the one before (Python's default: 5 ms) is put back after. While
+    the replica's event loop runs Python (vLLM's output processing at every engine step), Ray's threads in
+    that process wait for the GIL up to this long each time they need it (a request arriving, an answer
+    leaving)."""
     import ray
 
     def switch(replica, seconds: float) -> float:  # defined here: Ray sends it by value (bench/ is not importable there)
@@ -251,7 +253,14 @@ def set_switch_interval(pool, seconds: float) -> float:
         sys.setswitchinterval(seconds)
         return before
 
-    return ray.get([actor.__ray_call__.remote(switch, seconds) for actor in pool.replicas.values()])[0]
+    def set_all(seconds: float) -> float:
+        return ray.get([actor.__ray_call__.remote(switch, seconds) for actor in pool.replicas.values()])[0]
+
+    before = set_all(seconds)
+    try:
+        yield
+    finally:
+        set_all(before)
 
 
 def replica_counters(pool) -> dict:

@@ -221,9 +221,8 @@ def main() -> None:
             b = gpu_serving.pool_arm(pool, reqs, args.concurrency, args.concurrency, None)
             row(f"{latency:9.2f}", a, b)
             if args.switch_interval_ms:
-                default = gpu_serving.set_switch_interval(pool, args.switch_interval_ms / 1e3)
-                row(f"{'(b~)':>9}", a, gpu_serving.pool_arm(pool, reqs, args.concurrency, args.concurrency, None))
-                gpu_serving.set_switch_interval(pool, default)
+                with gpu_serving.switch_interval(pool, args.switch_interval_ms / 1e3):
+                    row(f"{'(b~)':>9}", a, gpu_serving.pool_arm(pool, reqs, args.concurrency, args.concurrency, None))
         bare = bare_ray(requests(args.requests, 0), args.concurrency)
         print(f"bare Ray actor calls, {args.concurrency} driver threads: {bare:.1f} req/s (the ceiling of any path "
               "that makes one Ray call per request)", flush=True)
